@@ -1,0 +1,1 @@
+"""Cost models: storage, MACs/params, latency, energy, accuracy (see DESIGN.md)."""

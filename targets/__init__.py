@@ -1,0 +1,1 @@
+"""Device targets: TVM targets, compilers, power and roofline profiles (see DESIGN.md)."""

@@ -1,0 +1,64 @@
+"""Shared test helpers: build models from ONNX text, check them, compare numerics."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, parser
+
+from tailor.ir import Model, compare
+from tailor.passes import PassContext, PassManager, check_model
+
+__all__ = ["make_model", "assert_equivalent", "run_passes", "op_types", "assert_valid"]
+
+
+def make_model(text: str, weights: dict[str, np.ndarray] | None = None, *, seed: int = 0) -> Model:
+    """A Model from ONNX text syntax; `weights` become initializers.
+
+    Initializers declared in the text's `<...>` block without values get random values
+    of the declared shape, so tests can read like the graph they check.
+    """
+    proto = parser.parse_model(text)
+    rng = np.random.default_rng(seed)
+    given = dict(weights or {})
+    inits = []
+    for init in proto.graph.initializer:
+        if init.name in given:
+            continue
+        if init.raw_data or init.float_data or init.int64_data or init.int32_data:
+            inits.append(init)
+            continue
+        shape = tuple(init.dims)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+        if np.issubdtype(dtype, np.floating):
+            value = rng.standard_normal(shape).astype(dtype)
+        else:
+            value = rng.integers(0, 3, size=shape).astype(dtype)
+        inits.append(numpy_helper.from_array(value, init.name))
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(inits)
+    for name, value in given.items():
+        proto.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    onnx.checker.check_model(proto)
+    return Model.load(proto).infer_shapes()
+
+
+def op_types(model: Model) -> list[str]:
+    return [n.op for n in model.nodes]
+
+
+def assert_valid(model: Model) -> None:
+    """The full ONNX checker passes and onnxruntime can run the model."""
+    check_model(model, full=True)
+
+
+def assert_equivalent(before: Model, after: Model, *, rtol: float = 1e-5, inputs=None, batch: int = 2) -> float:
+    """Both models give the same outputs to `rtol` relative (to the output's scale)."""
+    cmp = compare(before, after, inputs, batch=batch)
+    assert cmp.max_rel <= rtol, f"outputs differ: {cmp}"
+    return cmp.max_rel
+
+
+def run_passes(model: Model, pipeline: str, **ctx) -> Model:
+    """Runs pipeline text through the PassManager with full checks; returns the model."""
+    return PassManager.from_text(pipeline).run(model, PassContext(**ctx)).model
