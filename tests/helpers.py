@@ -16,25 +16,28 @@ def make_model(text: str, weights: dict[str, np.ndarray] | None = None, *, seed:
     """A Model from ONNX text syntax; `weights` become initializers.
 
     Initializers declared in the text's `<...>` block without values get random values
-    of the declared shape, so tests can read like the graph they check.
+    (standard normal for floats) of the declared shape, so tests read like the graph
+    they check.
     """
     proto = parser.parse_model(text)
     rng = np.random.default_rng(seed)
     given = dict(weights or {})
-    inits = []
-    for init in proto.graph.initializer:
-        if init.name in given:
-            continue
-        if init.raw_data or init.float_data or init.int64_data or init.int32_data:
-            inits.append(init)
-            continue
-        shape = tuple(init.dims)
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+    produced = {o for n in proto.graph.node for o in n.output} | {i.name for i in proto.graph.input}
+    # `<float[8,3,3,3] w>` without a value parses as value_info: make it a random initializer.
+    declared = [vi for vi in proto.graph.value_info if vi.name not in produced and vi.name not in given]
+    inits = [init for init in proto.graph.initializer if init.name not in given]
+    for vi in declared:
+        tt = vi.type.tensor_type
+        shape = tuple(d.dim_value for d in tt.shape.dim)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         if np.issubdtype(dtype, np.floating):
             value = rng.standard_normal(shape).astype(dtype)
         else:
             value = rng.integers(0, 3, size=shape).astype(dtype)
-        inits.append(numpy_helper.from_array(value, init.name))
+        inits.append(numpy_helper.from_array(value, vi.name))
+    keep = [vi for vi in proto.graph.value_info if vi not in declared]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(keep)
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(inits)
     for name, value in given.items():

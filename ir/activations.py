@@ -1,0 +1,109 @@
+"""Capture of intermediate activations on calibration data, through onnxruntime.
+
+Data-driven passes (reconstruction after pruning, activation-based criteria, bias
+correction) need what a layer sees and produces on real inputs. The requested tensors
+are exposed as extra graph outputs of a copy of the model and gathered batch by batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from tailor.errors import TailorError
+from tailor.ir.model import Model
+from tailor.ir.ort import make_session
+
+__all__ = ["capture", "iter_batches", "CalibrationError"]
+
+logger = logging.getLogger(__name__)
+
+Reducer = Callable[[str, np.ndarray], np.ndarray]
+
+
+class CalibrationError(TailorError):
+    """Calibration data do not fit the model (names, shapes, dtypes, sample counts)."""
+
+
+def iter_batches(data: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Slices named arrays along their first axis into batches of `batch_size`."""
+    counts = {k: len(v) for k, v in data.items()}
+    if len(set(counts.values())) > 1:
+        raise CalibrationError(f"calibration arrays have different sample counts: {counts}")
+    n = next(iter(counts.values()), 0)
+    for start in range(0, n, batch_size):
+        yield {k: v[start : start + batch_size] for k, v in data.items()}
+
+
+def _validate(model: Model, data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    feeds = {}
+    for t in model.inputs:
+        if t.name not in data:
+            have = ", ".join(sorted(data)) or "none"
+            raise CalibrationError(f"calibration data have no array for model input {t.name!r} (arrays: {have})")
+        value = np.asarray(data[t.name])
+        shape = model.shape(t)
+        if shape is not None:
+            if value.ndim != len(shape):
+                raise CalibrationError(
+                    f"calibration array {t.name!r} has shape {value.shape}, the model expects rank {len(shape)} {shape}"
+                )
+            for axis, (have, want) in enumerate(zip(value.shape, shape, strict=True)):
+                if axis and isinstance(want, int) and want > 0 and have != want:
+                    raise CalibrationError(
+                        f"calibration array {t.name!r} has shape {value.shape}, the model expects {shape}"
+                    )
+        if t.dtype is not None and value.dtype != np.dtype(t.dtype):
+            value = value.astype(t.dtype)
+        feeds[t.name] = value
+    return feeds
+
+
+def capture(
+    model: Model,
+    data: Mapping[str, np.ndarray],
+    tensors: Sequence[str],
+    *,
+    batch_size: int = 64,
+    reduce: Reducer | None = None,
+) -> dict[str, np.ndarray]:
+    """Runs the model on `data` and returns the named intermediate tensors.
+
+    Args:
+        model: the model (not modified).
+        data: arrays named like the model's inputs, samples along the first axis.
+        tensors: names of tensors to capture (activations, graph inputs or outputs).
+        batch_size: samples per onnxruntime call.
+        reduce: optional `(name, batch) -> array` applied to every batch before it is
+            kept, to bound memory (e.g. keep a random subset of spatial positions).
+
+    Returns:
+        Each requested tensor, batches concatenated along the first axis.
+    """
+    feeds = _validate(model, data)
+    probe = model.copy()
+    by_name = probe.tensors()
+    missing = [n for n in tensors if n not in by_name]
+    if missing:
+        raise CalibrationError(f"cannot capture {missing[0]!r}: no such tensor in the model")
+    outputs = []
+    for name in tensors:
+        t = by_name[name]
+        if isinstance(t, gs.Constant):
+            raise CalibrationError(f"cannot capture {name!r}: it is a constant, not an activation")
+        if name in {i.name for i in probe.inputs}:
+            continue
+        if not probe.is_graph_output(t):
+            probe.graph.outputs.append(t)
+        outputs.append(name)
+    sess = make_session(probe)
+    gathered: dict[str, list[np.ndarray]] = {n: [] for n in tensors}
+    for batch in iter_batches(feeds, batch_size):
+        values = dict(zip(outputs, sess.run(outputs, batch), strict=True)) if outputs else {}
+        for name in tensors:
+            value = batch[name] if name in batch else values[name]
+            gathered[name].append(reduce(name, value) if reduce else value)
+    return {n: np.concatenate(v, axis=0) if v else np.empty((0,)) for n, v in gathered.items()}
