@@ -28,7 +28,9 @@ class CalibrationError(TailorError):
     """Calibration data do not fit the model (names, shapes, dtypes, sample counts)."""
 
 
-def iter_batches(data: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def iter_batches(
+    data: Mapping[str, np.ndarray], batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
     """Slices named arrays along their first axis into batches of `batch_size`."""
     counts = {k: len(v) for k, v in data.items()}
     if len(set(counts.values())) > 1:
@@ -43,7 +45,9 @@ def _validate(model: Model, data: Mapping[str, np.ndarray]) -> dict[str, np.ndar
     for t in model.inputs:
         if t.name not in data:
             have = ", ".join(sorted(data)) or "none"
-            raise CalibrationError(f"calibration data have no array for model input {t.name!r} (arrays: {have})")
+            raise CalibrationError(
+                f"calibration data have no array for model input {t.name!r} (arrays: {have})"
+            )
         value = np.asarray(data[t.name])
         shape = model.shape(t)
         if shape is not None:

@@ -43,7 +43,7 @@ __all__ = ["ChannelGroup", "DependencyGraph", "dependency_graph"]
 
 logger = logging.getLogger(__name__)
 
-OPAQUE = 0  # the atom of everything tailor cannot prune (graph inputs, unknown ops)
+UNUSED = 0  # atom 0 is never handed out, so labels can use it as a sentinel
 
 _UNARY = {
     "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu",
@@ -66,7 +66,15 @@ _REDUCE = {
     "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
 }  # fmt: skip
 _RESHAPE = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
-_NO_CHANNELS = {"Shape", "Size", "ConstantOfShape", "Range", "NonZero", "EyeLike", "RandomNormalLike"}
+_NO_CHANNELS = {
+    "Shape",
+    "Size",
+    "ConstantOfShape",
+    "Range",
+    "NonZero",
+    "EyeLike",
+    "RandomNormalLike",
+}
 
 
 @dataclass
@@ -144,7 +152,7 @@ class DependencyGraph:
 
 class _UnionFind:
     def __init__(self) -> None:
-        self.parent: list[int] = [OPAQUE]
+        self.parent: list[int] = [UNUSED]
 
     def add(self, n: int) -> np.ndarray:
         start = len(self.parent)
@@ -162,9 +170,6 @@ class _UnionFind:
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
-            # OPAQUE stays the root so "is it opaque" is one comparison.
-            if rb == OPAQUE:
-                ra, rb = rb, ra
             self.parent[rb] = ra
 
 
@@ -183,7 +188,7 @@ class _Walker:
         self.model = model
         self.uf = _UnionFind()
         self.ids: dict[str, np.ndarray | None] = {}
-        self.blocked: dict[int, str] = {OPAQUE: "opaque"}
+        self.blocked: dict[int, str] = {}
         self.atom_blocks: dict[int, int] = {}
         self.producers: dict[str, np.ndarray] = {}
         self.consumers: dict[str, np.ndarray] = {}
@@ -206,9 +211,16 @@ class _Walker:
         for a in np.unique(ids):
             self.blocked.setdefault(int(a), reason)
 
-    def opaque(self, t: Tensor) -> np.ndarray:
+    def opaque(self, t: Tensor, reason: str) -> np.ndarray:
+        """Fresh, fixed atoms for a tensor whose channels tailor cannot change."""
         shape = self.shape(t)
-        return np.zeros([1] * (len(shape) if shape else 0), np.int64)
+        rank = len(shape) if shape else 0
+        if rank >= 2:
+            ids = self.uf.add(shape[1]).reshape([1, shape[1]] + [1] * (rank - 2))  # type: ignore[index]
+        else:
+            ids = self.uf.add(1).reshape([1] * rank)
+        self.block(ids, reason)
+        return ids
 
     def set(self, t: Tensor, ids: np.ndarray | None) -> None:
         self.ids[t.name] = None if ids is None else _minimal(ids)
@@ -221,7 +233,9 @@ class _Walker:
         """The atom of each position along `axis`, or None if it varies along other axes."""
         if ids.ndim != len(shape):
             return None
-        full_axis = np.broadcast_to(ids, tuple(s if i == axis else ids.shape[i] for i, s in enumerate(shape)))
+        full_axis = np.broadcast_to(
+            ids, tuple(s if i == axis else ids.shape[i] for i, s in enumerate(shape))
+        )
         moved = np.moveaxis(full_axis, axis, 0).reshape(shape[axis], -1)
         if moved.shape[1] > 1 and not (moved == moved[:, :1]).all():
             return None
@@ -231,12 +245,12 @@ class _Walker:
         for t in node.inputs:
             self.block(self.get(t), reason)
         for t in node.outputs:
-            self.set(t, self.opaque(t))
+            self.set(t, self.opaque(t, reason))
 
     # -- walk ------------------------------------------------------------------
     def walk(self) -> None:
         for t in self.model.inputs:
-            self.set(t, self.opaque(t))
+            self.set(t, self.opaque(t, f"fed by graph input {t.name!r}"))
         for node in self.model.nodes:
             try:
                 self.visit(node)
@@ -257,7 +271,9 @@ class _Walker:
                 self.set(t, None)
             return None
         if any(self.shape(t) is None for t in node.inputs if self.get(t) is not None) or any(
-            self.shape(t) is None for t in node.outputs if t.outputs or self.model.is_graph_output(t)
+            self.shape(t) is None
+            for t in node.outputs
+            if t.outputs or self.model.is_graph_output(t)
         ):
             return self.block_node(node, f"{op} {node.name!r} has tensors without a static shape")
         if layer_weight(self.model, node) is not None:
@@ -266,7 +282,13 @@ class _Walker:
             return self.elementwise(node)
         if op in _SPATIAL:
             return self.spatial(node)
-        if op in _REDUCE or op in ("Softmax", "LogSoftmax", "Hardmax", "LayerNormalization", "LpNormalization"):
+        if op in _REDUCE or op in (
+            "Softmax",
+            "LogSoftmax",
+            "Hardmax",
+            "LayerNormalization",
+            "LpNormalization",
+        ):
             return self.reduce(node)
         if op in _RESHAPE or op == "Transpose":
             return self.move(node)
@@ -303,7 +325,12 @@ class _Walker:
         cin = len(chan)
         shape = [1] * out_rank
         shape[1 if node.op in ("Conv", "ConvTranspose") else out_rank - 1] = cout
-        if node.op in ("Conv", "ConvTranspose") and groups > 1 and groups == cin and cout % cin == 0:
+        if (
+            node.op in ("Conv", "ConvTranspose")
+            and groups > 1
+            and groups == cin
+            and cout % cin == 0
+        ):
             # Depthwise: output channel c*m+j reads input channel c only, so it carries c.
             self.set(out, np.repeat(chan, cout // cin).reshape(shape))
             return
@@ -335,7 +362,9 @@ class _Walker:
             # An operand broadcast along an axis where another operand's atoms vary would
             # tie one channel to many: it cannot follow a pruning, so it is fixed instead.
             spread = any(
-                shape[ax] == 1 and out_shape[ax] > 1 and any(o.shape[ax] > 1 for j, (o, _) in enumerate(aligned) if j != i)  # type: ignore[index]
+                shape[ax] == 1
+                and out_shape[ax] > 1
+                and any(o.shape[ax] > 1 for j, (o, _) in enumerate(aligned) if j != i)  # type: ignore[index]
                 for ax in range(rank)
             )
             if spread:
@@ -343,7 +372,9 @@ class _Walker:
             else:
                 kept.append(ids)
         if not kept:
-            return self.set(out, np.zeros([1] * rank, np.int64))
+            return self.set(
+                out, self.opaque(out, f"{node.op} {node.name!r} broadcasts one channel over many")
+            )
         merged = np.broadcast_arrays(*kept)
         for other in merged[1:]:
             pairs = np.unique(np.stack([merged[0].ravel(), other.ravel()], 1), axis=0)
@@ -359,7 +390,12 @@ class _Walker:
         ids, shape = self.get(x), self.shape(x)
         if node.op == "Pad":
             pads = self._pads(node)
-            if pads is None or (len(shape) > 1 and (pads[1] != 0 or pads[1 + len(shape)] != 0) or pads[0] or pads[len(shape)]):  # type: ignore[arg-type]
+            if pads is None or (
+                len(shape) > 1
+                and (pads[1] != 0 or pads[1 + len(shape)] != 0)
+                or pads[0]
+                or pads[len(shape)]
+            ):  # type: ignore[arg-type]
                 return self.block_node(node, f"Pad {node.name!r} pads the batch or channel axis")
         chan = self.channels(ids, shape, 1) if ids is not None and len(shape) > 1 else None  # type: ignore[arg-type]
         if chan is None:
@@ -441,8 +477,12 @@ class _Walker:
             ids = self.get(t)
             shape = self.shape(t)
             if ids is None:
-                ids = np.zeros([1] * len(shape), np.int64)  # type: ignore[arg-type]
-            parts.append(np.broadcast_to(ids, tuple(shape[i] if i == axis else out_shape[i] for i in range(len(shape)))))  # type: ignore[index]
+                ids = self.opaque(t, f"Concat {node.name!r} joins a constant")
+            parts.append(
+                np.broadcast_to(
+                    ids, tuple(shape[i] if i == axis else out_shape[i] for i in range(len(shape)))
+                )
+            )  # type: ignore[index]
         self.set(out, np.concatenate(parts, axis=axis))
 
     def select(self, node: Node) -> None:
@@ -470,10 +510,14 @@ class _Walker:
             axes, steps = node.attrs.get("axes", list(range(len(starts)))), [1] * len(starts)
         else:
             values = [self.model.constant_value(t) if t.name else None for t in node.inputs[1:]]
-            if any(v is None for v in values[:2]) or any(t.name and v is None for t, v in zip(node.inputs[3:], values[2:], strict=False)):
+            if any(v is None for v in values[:2]) or any(
+                t.name and v is None for t, v in zip(node.inputs[3:], values[2:], strict=False)
+            ):
                 return self.block_node(node, f"Slice {node.name!r} has data-dependent bounds")
             starts, ends = values[0], values[1]
-            axes = values[2] if len(values) > 2 and values[2] is not None else list(range(len(starts)))
+            axes = (
+                values[2] if len(values) > 2 and values[2] is not None else list(range(len(starts)))
+            )
             steps = values[3] if len(values) > 3 and values[3] is not None else [1] * len(starts)
         index = [slice(None)] * rank
         for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
@@ -503,8 +547,6 @@ class _Walker:
         rank_of = {n: i for i, n in enumerate(order)}
         keyed: dict[tuple, list[int]] = defaultdict(list)
         for r in prod_of:
-            if r == OPAQUE:
-                continue
             key = (
                 tuple(sorted(prod_of[r], key=rank_of.__getitem__)),
                 tuple(sorted(cons_of.get(r, ()), key=rank_of.__getitem__)),
@@ -518,7 +560,9 @@ class _Walker:
             for pos, r in enumerate(root[self.producers[name]]):
                 first_pos.setdefault(int(r), rank_of[name] * 1_000_000 + pos)
         out = []
-        for (prods, cons, is_blocked, blocks), classes in sorted(keyed.items(), key=lambda kv: min(first_pos[c] for c in kv[1])):
+        for (prods, cons, is_blocked, blocks), classes in sorted(
+            keyed.items(), key=lambda kv: min(first_pos[c] for c in kv[1])
+        ):
             classes.sort(key=first_pos.__getitem__)
             label = np.full(len(root), -1, np.int64)
             label[np.array(classes)] = np.arange(len(classes))

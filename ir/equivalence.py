@@ -51,17 +51,26 @@ def compare(
     """
     feeds = dict(inputs) if inputs is not None else random_inputs(reference, batch=batch, seed=seed)
     ref = list(run_model(reference, feeds).items())
-    cand = list(run_model(candidate, {k: v for k, v in feeds.items() if k in {t.name for t in candidate.inputs}}).values())
+    cand = list(
+        run_model(
+            candidate, {k: v for k, v in feeds.items() if k in {t.name for t in candidate.inputs}}
+        ).values()
+    )
     if len(ref) != len(cand):
         raise ValueError(f"the models have {len(ref)} and {len(cand)} outputs")
     per: dict[str, tuple[float, float]] = {}
     for (name, a), b in zip(ref, cand, strict=True):
         if a.shape != b.shape:
-            raise ValueError(f"output {name!r} has shape {a.shape} in the reference and {b.shape} in the candidate")
+            raise ValueError(
+                f"output {name!r} has shape {a.shape} in the reference and {b.shape} in the candidate"
+            )
         a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
         abs_err = float(np.max(np.abs(a64 - b64))) if a64.size else 0.0
         scale = float(np.max(np.abs(a64))) if a64.size else 0.0
-        per[name] = (abs_err, abs_err / scale if scale > 0 else (0.0 if abs_err == 0 else float("inf")))
+        per[name] = (
+            abs_err,
+            abs_err / scale if scale > 0 else (0.0 if abs_err == 0 else float("inf")),
+        )
     return Comparison(
         max_abs=max((v[0] for v in per.values()), default=0.0),
         max_rel=max((v[1] for v in per.values()), default=0.0),

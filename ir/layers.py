@@ -11,7 +11,15 @@ import numpy as np
 from tailor.errors import DynamicShapeError
 from tailor.ir.model import Constant, Model, Node
 
-__all__ = ["Layer", "LAYER_OPS", "is_layer_node", "layer_weight", "layers", "ModelSummary", "summarize"]
+__all__ = [
+    "Layer",
+    "LAYER_OPS",
+    "is_layer_node",
+    "layer_weight",
+    "layers",
+    "ModelSummary",
+    "summarize",
+]
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -101,11 +109,15 @@ def _describe(model: Model, node: Node, index: int) -> Layer:
     if node.op == "Conv":
         cout, cin = w.shape[0], w.shape[1] * groups
         kernel = tuple(int(k) for k in w.shape[2:])
-        macs = None if out_shape is None else math.prod(out_shape[1:]) * w.shape[1] * math.prod(kernel)
+        macs = (
+            None if out_shape is None else math.prod(out_shape[1:]) * w.shape[1] * math.prod(kernel)
+        )
     elif node.op == "ConvTranspose":
         cin, cout = w.shape[0], w.shape[1] * groups
         kernel = tuple(int(k) for k in w.shape[2:])
-        macs = None if in_shape is None else math.prod(in_shape[1:]) * w.shape[1] * math.prod(kernel)
+        macs = (
+            None if in_shape is None else math.prod(in_shape[1:]) * w.shape[1] * math.prod(kernel)
+        )
     elif node.op == "Gemm":
         wt = w.T if attrs.get("transB", 0) else w
         cin, cout = wt.shape
@@ -183,5 +195,11 @@ def summarize(model: Model) -> ModelSummary:
     ops: dict[str, int] = {}
     for n in model.nodes:
         ops[n.op] = ops.get(n.op, 0) + 1
-    macs = None if any(layer.macs is None for layer in found) else sum(layer.macs or 0 for layer in found)
-    return ModelSummary(found, len(model.nodes), params, weight_bytes, macs, dict(sorted(ops.items())))
+    macs = (
+        None
+        if any(layer.macs is None for layer in found)
+        else sum(layer.macs or 0 for layer in found)
+    )
+    return ModelSummary(
+        found, len(model.nodes), params, weight_bytes, macs, dict(sorted(ops.items()))
+    )

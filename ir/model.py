@@ -52,7 +52,9 @@ class Model:
         source: where the model came from, for messages.
     """
 
-    def __init__(self, graph: gs.Graph, meta: onnx.ModelProto | None = None, source: str = "<memory>"):
+    def __init__(
+        self, graph: gs.Graph, meta: onnx.ModelProto | None = None, source: str = "<memory>"
+    ):
         self.graph = graph
         self._meta = meta if meta is not None else onnx.ModelProto()
         self.source = source
@@ -60,7 +62,9 @@ class Model:
 
     # ------------------------------------------------------------------ load / save
     @classmethod
-    def load(cls, source: str | os.PathLike | bytes | onnx.ModelProto, *, check: bool = True) -> Model:
+    def load(
+        cls, source: str | os.PathLike | bytes | onnx.ModelProto, *, check: bool = True
+    ) -> Model:
         """Loads a model from a path, serialized bytes or a ModelProto.
 
         External data (models over 2 GB) is read from files beside the model; their paths
@@ -86,18 +90,26 @@ class Model:
             except OSError as e:
                 raise ModelLoadError(f"cannot read {label}: {e.strerror}") from e
             proto, base_dir = _parse(data, label), path.resolve().parent
-        if check:
-            _check_proto(proto, label)
-        if _has_external_data(proto):
+        external = _has_external_data(proto)
+        if external:
             if base_dir is None:
                 raise ModelLoadError(
                     f"{label} references external data files; load it from its path, not from bytes"
                 )
             _check_external_paths(proto, base_dir, label)
+        if check:
+            # With external data the checker must get the path: given a proto it would look
+            # for the data files relative to the working directory.
+            _check_proto(proto, label, Path(source) if external else None)
+        if external:
             try:
                 external_data_helper.load_external_data_for_model(proto, str(base_dir))
             except (OSError, ValueError) as e:
                 raise ModelLoadError(f"cannot read external data of {label}: {e}") from e
+            # onnx sets data_location=DEFAULT explicitly; cleared so the model serializes
+            # (and fingerprints) exactly like one saved without external data.
+            for tensor in external_data_helper._get_all_tensors(proto):
+                tensor.ClearField("data_location")
         try:
             graph = gs.import_onnx(proto)
         except Exception as e:  # graphsurgeon raises bare exceptions on malformed graphs
@@ -118,7 +130,9 @@ class Model:
         del proto.metadata_props[:]
         proto.metadata_props.extend(self._meta.metadata_props)
         if self._meta.ir_version:
-            proto.ir_version = max(self._meta.ir_version, min(proto.ir_version, self._meta.ir_version))
+            proto.ir_version = max(
+                self._meta.ir_version, min(proto.ir_version, self._meta.ir_version)
+            )
         return proto
 
     def to_bytes(self) -> bytes:
@@ -152,7 +166,8 @@ class Model:
                     save_as_external_data=True,
                     all_tensors_to_one_file=True,
                     location=data_name,
-                    size_threshold=1024,
+                    # Every initializer: with onnx's default (1 KiB) small models wrote no .data file.
+                    size_threshold=0,
                 )
                 if (tmp_dir / data_name).exists():
                     os.replace(tmp_dir / data_name, path.parent / data_name)
@@ -282,7 +297,14 @@ class Model:
         node_name = self.unique_name(name)
         if outputs is None:
             outputs = [gs.Variable(self.unique_name(f"{node_name}_out"), dtype=dtype)]
-        node = gs.Node(op, node_name, attrs=dict(attrs or {}), inputs=list(inputs), outputs=list(outputs), domain=domain)
+        node = gs.Node(
+            op,
+            node_name,
+            attrs=dict(attrs or {}),
+            inputs=list(inputs),
+            outputs=list(outputs),
+            domain=domain,
+        )
         self.graph.nodes.append(node)
         return node
 
@@ -298,9 +320,15 @@ class Model:
                     consumer.inputs[i] = new
         for i, t in enumerate(self.graph.outputs):
             if t is old:
-                if self.is_graph_input(new) or self.is_graph_output(new) or isinstance(new, gs.Constant):
+                if (
+                    self.is_graph_input(new)
+                    or self.is_graph_output(new)
+                    or isinstance(new, gs.Constant)
+                ):
                     # Cannot rename: keep an explicit Identity so the output name survives.
-                    ident = gs.Node("Identity", self.unique_name(f"{old.name}_keep"), inputs=[new], outputs=[])
+                    ident = gs.Node(
+                        "Identity", self.unique_name(f"{old.name}_keep"), inputs=[new], outputs=[]
+                    )
                     old.inputs.clear()
                     ident.outputs.append(old)
                     self.graph.nodes.append(ident)
@@ -352,14 +380,23 @@ class Model:
         proto = self.to_proto()
         for t in proto.graph.initializer:
             if int(np.prod(t.dims, dtype=np.int64)) > _SKELETON_MAX_ELEMENTS:
-                for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                for f in (
+                    "raw_data",
+                    "float_data",
+                    "int32_data",
+                    "int64_data",
+                    "double_data",
+                    "uint64_data",
+                ):
                     t.ClearField(f)
                 del t.external_data[:]
                 t.data_location = onnx.TensorProto.DEFAULT
         try:
             inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
         except Exception as e:
-            raise UnsupportedModelError(f"shape inference failed on {self.source}: {_first_line(e)}") from e
+            raise UnsupportedModelError(
+                f"shape inference failed on {self.source}: {_first_line(e)}"
+            ) from e
         tensors = self.graph.tensors()
         for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
             t = tensors.get(vi.name)
@@ -369,7 +406,10 @@ class Model:
             if tt.elem_type:
                 t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
             if tt.HasField("shape"):
-                t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+                t.shape = [
+                    d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                    for d in tt.shape.dim
+                ]
         return self
 
     @staticmethod
@@ -387,7 +427,9 @@ class Model:
         """
         shape = self.shape(tensor)
         if shape is None:
-            raise DynamicShapeError(f"tensor {tensor.name!r} has no inferred shape; give static input shapes")
+            raise DynamicShapeError(
+                f"tensor {tensor.name!r} has no inferred shape; give static input shapes"
+            )
         dims = []
         for axis, d in enumerate(shape):
             if isinstance(d, (int, np.integer)) and d > 0:
@@ -407,7 +449,9 @@ class Model:
         for name, dims in shapes.items():
             if name not in by_name:
                 known = ", ".join(by_name) or "none"
-                raise DynamicShapeError(f"--input-shape names {name!r}, but the model's inputs are: {known}")
+                raise DynamicShapeError(
+                    f"--input-shape names {name!r}, but the model's inputs are: {known}"
+                )
             t = by_name[name]
             if t.shape is not None and len(t.shape) != len(dims):
                 raise DynamicShapeError(
@@ -416,7 +460,11 @@ class Model:
             t.shape = [int(d) for d in dims]
         # Intermediate shapes derived from the old symbolic dims must be recomputed.
         for t in self.graph.tensors().values():
-            if isinstance(t, gs.Variable) and not self.is_graph_input(t) and not self.is_graph_output(t):
+            if (
+                isinstance(t, gs.Variable)
+                and not self.is_graph_input(t)
+                and not self.is_graph_output(t)
+            ):
                 t.shape = None
         return self.infer_shapes()
 
@@ -437,13 +485,17 @@ def _parse(data: bytes, label: str) -> onnx.ModelProto:
     try:
         proto.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as e:
-        raise ModelLoadError(f"{label} is not an ONNX model (the protobuf does not parse: {_first_line(e)})") from e
+        raise ModelLoadError(
+            f"{label} is not an ONNX model (the protobuf does not parse: {_first_line(e)})"
+        ) from e
     if not proto.HasField("graph") or not proto.opset_import:
-        raise ModelLoadError(f"{label} is not an ONNX model (no graph or no opset; truncated or not ONNX)")
+        raise ModelLoadError(
+            f"{label} is not an ONNX model (no graph or no opset; truncated or not ONNX)"
+        )
     return proto
 
 
-def _check_proto(proto: onnx.ModelProto, label: str) -> None:
+def _check_proto(proto: onnx.ModelProto, label: str, path: Path | None = None) -> None:
     domains = {op.domain for op in proto.opset_import}
     local = {(f.domain, f.name) for f in proto.functions}
     for node in _all_nodes(proto.graph):
@@ -456,7 +508,7 @@ def _check_proto(proto: onnx.ModelProto, label: str) -> None:
         raise UnsupportedModelError(f"{label} imports no ai.onnx opset")
     try:
         # Checked before external data is read, so the proto stays far below 2 GiB.
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(proto if path is None else str(path))
     except onnx.checker.ValidationError as e:
         raise ModelLoadError(f"{label} is not a valid ONNX model: {_first_line(e)}") from e
 
@@ -481,14 +533,18 @@ def _check_external_paths(proto: onnx.ModelProto, base_dir: Path, label: str) ->
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
         if not location or os.path.isabs(location) or Path(location).drive:
-            raise ModelLoadError(f"{label}: tensor {tensor.name!r} has an unsafe external data location {location!r}")
+            raise ModelLoadError(
+                f"{label}: tensor {tensor.name!r} has an unsafe external data location {location!r}"
+            )
         target = (base / location).resolve()
         if base not in target.parents:
             raise ModelLoadError(
                 f"{label}: tensor {tensor.name!r} points outside the model's folder ({location!r}); refusing to read it"
             )
         if not target.is_file():
-            raise ModelLoadError(f"{label}: external data file {location!r} of tensor {tensor.name!r} is missing")
+            raise ModelLoadError(
+                f"{label}: external data file {location!r} of tensor {tensor.name!r} is missing"
+            )
 
 
 def _name_nodes(graph: gs.Graph) -> None:
@@ -510,7 +566,10 @@ def _name_nodes(graph: gs.Graph) -> None:
 
 
 def _has_external_data(proto: onnx.ModelProto) -> bool:
-    return any(external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(proto))
+    return any(
+        external_data_helper.uses_external_data(t)
+        for t in external_data_helper._get_all_tensors(proto)
+    )
 
 
 def _weight_bytes(proto: onnx.ModelProto) -> int:

@@ -19,7 +19,9 @@ __all__ = ["make_session", "run_model", "random_inputs"]
 _TWO_GIB = (1 << 31) - 1
 
 
-def make_session(model: Model | onnx.ModelProto, *, optimize: bool = False, threads: int = 0) -> ort.InferenceSession:
+def make_session(
+    model: Model | onnx.ModelProto, *, optimize: bool = False, threads: int = 0
+) -> ort.InferenceSession:
     """An onnxruntime CPU session for `model`.
 
     Args:
@@ -30,7 +32,9 @@ def make_session(model: Model | onnx.ModelProto, *, optimize: bool = False, thre
     proto = model.to_proto() if isinstance(model, Model) else model
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
@@ -40,7 +44,9 @@ def make_session(model: Model | onnx.ModelProto, *, optimize: bool = False, thre
                 path = Path(tmp) / "model.onnx"
                 onnx.save_model(proto, str(path), save_as_external_data=True, location="model.data")
                 return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        )
     except Exception as e:  # onnxruntime raises its own exception types
         raise UnsupportedModelError(f"onnxruntime cannot run the model: {_first_line(e)}") from e
 

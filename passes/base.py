@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -94,14 +94,20 @@ class Param:
                 raise ParameterError(f"parameter {name} must be an integer, got {value!r}")
             value = int(value)
         elif kind == "float":
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            if isinstance(value, bool) or not isinstance(
+                value, (int, float, np.integer, np.floating)
+            ):
                 raise ParameterError(f"parameter {name} must be a number, got {value!r}")
             value = float(value)
             if not math.isfinite(value):
                 raise ParameterError(f"parameter {name} must be finite, got {value!r}")
         elif kind == "rank":
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-                raise ParameterError(f"parameter {name} must be a fraction in (0, 1] or an integer rank, got {value!r}")
+            if isinstance(value, bool) or not isinstance(
+                value, (int, float, np.integer, np.floating)
+            ):
+                raise ParameterError(
+                    f"parameter {name} must be a fraction in (0, 1] or an integer rank, got {value!r}"
+                )
             value = _normalise_rank(value, name)
         elif kind in ("str", "selector", "choice"):
             if not isinstance(value, str):
@@ -165,7 +171,7 @@ def format_value(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     text = str(value)
-    if text == "" or any(c in text for c in ",()=' \"\t\n") :
+    if text == "" or any(c in text for c in ",()=' \"\t\n"):
         return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
     return text
 
@@ -219,7 +225,12 @@ class PassContext:
         return self.calibration
 
 
-_LAYERS = Param("layers", "selector", "*", "which layers to apply to: globs on node names, op:TYPE, #i-j; '|' joins, '!' excludes")
+_LAYERS = Param(
+    "layers",
+    "selector",
+    "*",
+    "which layers to apply to: globs on node names, op:TYPE, #i-j; '|' joins, '!' excludes",
+)
 
 
 class Pass:
@@ -245,7 +256,11 @@ class Pass:
         for pname, param in schema.items():
             if pname in kwargs:
                 value = kwargs[pname]
-                value = param.parse(value) if isinstance(value, str) and param.kind not in ("str", "selector", "choice") else param.validate(value)
+                value = (
+                    param.parse(value)
+                    if isinstance(value, str) and param.kind not in ("str", "selector", "choice")
+                    else param.validate(value)
+                )
             elif param.required:
                 raise ParameterError(f"pass {self.name} needs parameter {pname!r}: {param.help}")
             else:
@@ -292,4 +307,3 @@ class Pass:
 
     def __repr__(self) -> str:
         return f"<pass {self.to_text()}>"
-

@@ -109,9 +109,13 @@ class PassManager:
             except TailorError as e:
                 raise type(e)(f"{label} failed: {e}") from e
             except Exception as e:
-                raise PassError(f"{label} failed with an internal error ({type(e).__name__}: {_first_line(e)})") from e
+                raise PassError(
+                    f"{label} failed with an internal error ({type(e).__name__}: {_first_line(e)})"
+                ) from e
             seconds = time.perf_counter() - start
-            record = PassRecord(p.to_text(), out.modified, list(out.changes), dict(out.layer_notes), seconds)
+            record = PassRecord(
+                p.to_text(), out.modified, list(out.changes), dict(out.layer_notes), seconds
+            )
             if out.modified and ctx.check != "none":
                 try:
                     check_model(out.model, full=ctx.check == "full")
@@ -119,7 +123,9 @@ class PassManager:
                         record.check = self._verify_lossless(current, out.model, ctx)
                 except TailorError as e:
                     raise VerificationError(f"{label} produced a bad model: {e}") from e
-            logger.info("%s: %s (%.2fs)", p.to_text(), "modified" if out.modified else "no change", seconds)
+            logger.info(
+                "%s: %s (%.2fs)", p.to_text(), "modified" if out.modified else "no change", seconds
+            )
             result.records.append(record)
             current = out.model
         result.model = current
@@ -142,5 +148,7 @@ class PassManager:
             logger.info("skipping the numeric check: %s", e)
             return "numeric check skipped (dynamic input shapes)"
         if not cmp.within(ctx.rtol, ctx.atol):
-            raise VerificationError(f"outputs changed ({cmp}); tolerance rtol={ctx.rtol}, atol={ctx.atol}")
+            raise VerificationError(
+                f"outputs changed ({cmp}); tolerance rtol={ctx.rtol}, atol={ctx.atol}"
+            )
         return str(cmp)

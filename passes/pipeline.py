@@ -128,7 +128,9 @@ class _Parser:
 
     def pipeline(self) -> Pipeline:
         if not self.text.strip():
-            raise PipelineSyntaxError("the pipeline is empty; name at least one pass (see `tailor passes`)")
+            raise PipelineSyntaxError(
+                "the pipeline is empty; name at least one pass (see `tailor passes`)"
+            )
         calls = [self.call()]
         while self.peek() == ",":
             self.pos += 1

@@ -27,7 +27,9 @@ def register(cls: type[Pass]) -> type[Pass]:
     key = cls.name.lower()
     existing = _REGISTRY.get(key)
     if existing is not None and existing is not cls:
-        raise ValueError(f"pass name {cls.name!r} is already taken by {existing.__module__}.{existing.__qualname__}")
+        raise ValueError(
+            f"pass name {cls.name!r} is already taken by {existing.__module__}.{existing.__qualname__}"
+        )
     _REGISTRY[key] = cls
     return cls
 
@@ -57,6 +59,10 @@ def get_pass(name: str) -> type[Pass]:
     cls = passes.get(name.strip().lower())
     if cls is None:
         close = difflib.get_close_matches(name.lower(), list(passes), n=3, cutoff=0.5)
-        hint = f"; did you mean {' or '.join(close)}?" if close else f"; known passes: {', '.join(passes)}"
+        hint = (
+            f"; did you mean {' or '.join(close)}?"
+            if close
+            else f"; known passes: {', '.join(passes)}"
+        )
         raise UnknownPassError(f"unknown pass {name!r}{hint}")
     return cls

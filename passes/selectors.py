@@ -67,7 +67,9 @@ class Selector:
                 lo = int(m.group(1))
                 hi = lo if m.group(2) is None else (int(m.group(3)) if m.group(3) else None)
                 if hi is not None and hi < lo:
-                    raise ParameterError(f"layer selector range {term!r} is empty (end before start)")
+                    raise ParameterError(
+                        f"layer selector range {term!r} is empty (end before start)"
+                    )
                 terms.append(_Term("range", lo=lo, hi=hi, negate=negate))
             elif term.lower().startswith("op:"):
                 op = term[3:].strip()

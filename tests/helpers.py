@@ -24,7 +24,9 @@ def make_model(text: str, weights: dict[str, np.ndarray] | None = None, *, seed:
     given = dict(weights or {})
     produced = {o for n in proto.graph.node for o in n.output} | {i.name for i in proto.graph.input}
     # `<float[8,3,3,3] w>` without a value parses as value_info: make it a random initializer.
-    declared = [vi for vi in proto.graph.value_info if vi.name not in produced and vi.name not in given]
+    declared = [
+        vi for vi in proto.graph.value_info if vi.name not in produced and vi.name not in given
+    ]
     inits = [init for init in proto.graph.initializer if init.name not in given]
     for vi in declared:
         tt = vi.type.tensor_type
@@ -55,7 +57,9 @@ def assert_valid(model: Model) -> None:
     check_model(model, full=True)
 
 
-def assert_equivalent(before: Model, after: Model, *, rtol: float = 1e-5, inputs=None, batch: int = 2) -> float:
+def assert_equivalent(
+    before: Model, after: Model, *, rtol: float = 1e-5, inputs=None, batch: int = 2
+) -> float:
     """Both models give the same outputs to `rtol` relative (to the output's scale)."""
     cmp = compare(before, after, inputs, batch=batch)
     assert cmp.max_rel <= rtol, f"outputs differ: {cmp}"
