@@ -135,6 +135,19 @@ class Model:
             )
         return proto
 
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The model's `metadata_props` as a dict (a copy)."""
+        return {p.key: p.value for p in self._meta.metadata_props}
+
+    def set_metadata(self, key: str, value: str) -> None:
+        """Sets one `metadata_props` entry, replacing an existing one with the same key."""
+        for prop in self._meta.metadata_props:
+            if prop.key == key:
+                prop.value = value
+                return
+        self._meta.metadata_props.add(key=key, value=value)
+
     def to_bytes(self) -> bytes:
         """Serialized model; raises ModelLoadError-free ValueError above 2 GiB (use save)."""
         return self.to_proto().SerializeToString()
@@ -181,8 +194,9 @@ class Model:
     def copy(self) -> Model:
         """A deep copy (graph and metadata), independent of this one."""
         proto = self.to_proto()
-        clone = Model(gs.import_onnx(proto), self._meta, self.source)
-        return clone
+        meta = onnx.ModelProto()
+        meta.CopyFrom(self._meta)
+        return Model(gs.import_onnx(proto), meta, self.source)
 
     def fingerprint(self) -> str:
         """SHA-256 of the serialized model: a cache key for whatever depends on it."""

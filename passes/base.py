@@ -115,7 +115,10 @@ class Param:
             if kind == "selector":
                 from tailor.passes.selectors import Selector
 
-                Selector.parse(value)  # raises ParameterError on bad syntax
+                try:
+                    Selector.parse(value)
+                except ParameterError as e:
+                    raise ParameterError(f"parameter {name}={value!r}: {e}") from e
             if kind == "choice":
                 allowed = {str(c).lower(): c for c in self.choices or ()}
                 if value.lower() not in allowed:
@@ -133,13 +136,13 @@ class Param:
         """One line for help screens: name, kind, default or range."""
         bits = [self.kind if self.kind != "choice" else "|".join(map(str, self.choices or ()))]
         if self.low is not None or self.high is not None:
-            bits.append(f"in [{_fmt_bound(self.low)}, {_fmt_bound(self.high)}]")
+            bits.append(f"in [{_fmt_bound(self.low, '-inf')}, {_fmt_bound(self.high, 'inf')}]")
         bits.append("required" if self.required else f"default {format_value(self.default)}")
         return f"{self.name} ({', '.join(bits)}): {self.help}"
 
 
-def _fmt_bound(b: float | None) -> str:
-    return "-inf" if b is None else format_value(b)
+def _fmt_bound(b: float | None, unbounded: str) -> str:
+    return unbounded if b is None else format_value(b)
 
 
 def _parse_rank(raw: str) -> float | int:
@@ -256,11 +259,14 @@ class Pass:
         for pname, param in schema.items():
             if pname in kwargs:
                 value = kwargs[pname]
-                value = (
-                    param.parse(value)
-                    if isinstance(value, str) and param.kind not in ("str", "selector", "choice")
-                    else param.validate(value)
-                )
+                try:
+                    value = (
+                        param.parse(value)
+                        if isinstance(value, str) and param.kind not in ("str", "selector", "choice")
+                        else param.validate(value)
+                    )
+                except ParameterError as e:
+                    raise ParameterError(f"pass {self.name}: {e}") from e
             elif param.required:
                 raise ParameterError(f"pass {self.name} needs parameter {pname!r}: {param.help}")
             else:
