@@ -577,6 +577,11 @@ def _name_nodes(graph: gs.Graph) -> None:
         counters[base] = i + 1
         node.name = f"{base}_{i}"
         seen.add(node.name)
+    # graphsurgeon gives an unset domain (what most exporters write) as None: normalised
+    # to "" so that passes can compare domains without knowing that.
+    for node in graph.nodes:
+        if node.domain is None:
+            node.domain = ""
 
 
 def _has_external_data(proto: onnx.ModelProto) -> bool:
