@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tailor.errors import DynamicShapeError
+from tailor.errors import DynamicShapeError, TailorError
 from tailor.ir.layers import layer_weight
-from tailor.ir.model import Constant, Model, Node, Tensor
+from tailor.ir.model import Constant, Model, Node, Tensor, Variable
+from tailor.ir.ort import make_session, random_inputs
 
 __all__ = ["ChannelGroup", "DependencyGraph", "dependency_graph"]
 
@@ -595,8 +596,91 @@ class _Walker:
         return out
 
 
+_RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial"}  # fmt: skip
+
+
+def _integer(dtype) -> bool:
+    try:
+        return np.dtype(dtype).kind in "iu"
+    except TypeError:  # None, or a type numpy does not know
+        return False
+
+
+def _static_view(model: Model) -> Model:
+    """The model, or a batch-1 copy whose shape arithmetic is observed in one onnxruntime run.
+
+    ONNX shape inference cannot cancel a symbolic batch nor evaluate all shape arithmetic:
+    torchvision's channel shuffle (`view(n, g, c // g, h, w)`, then `view(n, -1, h, w)`)
+    and `chunk` (Slice bounds computed from `Shape`) leave every later tensor without a
+    static shape, which would fix all their channels. Channel coupling does not depend on
+    the batch, so when some shape is unknown but the inputs are static apart from the
+    batch, the view is built on a copy run once at batch 1: integer tensors computed only
+    from shapes and constants take the values they had and become constants, and shape
+    inference runs again. Data-dependent shapes stay unknown (and their channels fixed).
+    """
+
+    def unknown(t: Tensor) -> bool:
+        try:
+            model.static_shape(t, batch=1)
+        except DynamicShapeError:
+            return True
+        return False
+
+    used = [
+        t
+        for t in model.tensors().values()
+        if isinstance(t, Variable) and t.name and (t.outputs or model.is_graph_output(t))
+    ]
+    if not any(unknown(t) for t in used) or any(unknown(t) for t in model.inputs):
+        return model
+    view = model.copy()
+    tensors = view.tensors()
+    outputs = list(view.outputs)
+    names = {t.name for t in view.inputs} | {t.name for t in outputs}
+    # Shape arithmetic is integer: only those tensors become outputs for the one run.
+    view.graph.outputs.extend(
+        t
+        for name, t in tensors.items()
+        if isinstance(t, Variable) and name and name not in names and _integer(t.dtype)
+    )
+    feeds = random_inputs(view, batch=1)
+    try:
+        sess = make_session(view)
+        fetch = [o.name for o in sess.get_outputs()]
+        observed = dict(zip(fetch, sess.run(fetch, feeds), strict=True))
+    except Exception as e:  # onnxruntime raises its own exception types
+        logger.info("dependency view: cannot observe shapes at batch 1 (%s)", e)
+        return model
+    finally:
+        view.graph.outputs = outputs
+    static: set[str] = set()
+    for node in view.nodes:
+        if node.op in _RANDOM or node.domain not in ("", "ai.onnx", None):
+            continue
+        if node.op in ("Shape", "Size") or all(
+            isinstance(t, Constant) or t.name in static for t in node.inputs if t.name
+        ):
+            static.update(t.name for t in node.outputs if t.name)
+    for name in static:
+        value, t = observed.get(name), tensors[name]
+        if isinstance(t, Variable) and isinstance(value, np.ndarray) and _integer(value.dtype):
+            t.to_constant(value)
+            t.inputs.clear()
+    view.graph.nodes = [n for n in view.nodes if n.outputs]
+    try:
+        return view.set_input_shapes(
+            {t.name: [1, *t.shape[1:]] for t in view.inputs if t.shape and t.shape[0] != 1}
+        )
+    except TailorError as e:
+        logger.info("dependency view: shape inference at batch 1 failed (%s)", e)
+        return model
+
+
 def dependency_graph(model: Model) -> DependencyGraph:
     """Groups the model's prunable channels; shapes must be inferred (batch may be dynamic).
+
+    Where ONNX shape inference leaves shapes unknown behind shape arithmetic (a channel
+    shuffle, a `chunk`), they are observed by running the model once at batch 1.
 
     Args:
         model: the model, after :meth:`Model.infer_shapes`.
@@ -605,6 +689,6 @@ def dependency_graph(model: Model) -> DependencyGraph:
         The channel groups, in the order of their first producing layer.
     """
     model.toposort()
-    walker = _Walker(model)
+    walker = _Walker(_static_view(model))
     walker.walk()
     return DependencyGraph(walker.groups())

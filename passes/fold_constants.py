@@ -86,7 +86,8 @@ def _shape_part(model: Model, node: Node) -> np.ndarray | None:
             and consts[0] is not None
             and int(node.attrs.get("axis", 0)) == 0
         ):
-            picked = np.take(dims, consts[0].astype(np.int64))
+            # A scalar index gives a numpy scalar; graphsurgeon Constants need an ndarray.
+            picked = np.asarray(np.take(dims, consts[0].astype(np.int64)), np.int64)
         elif (
             node.op == "Slice"
             and model.opset >= 10

@@ -272,3 +272,35 @@ def test_dynamic_spatial_dims_block_instead_of_failing():
     assert all(not g.prunable for g in groups)
     m.set_input_shapes({"x": [1, 3, 8, 8]})
     assert groups_by_producers(m)[("Conv_0",)].prunable
+
+
+def test_shape_arithmetic_after_a_symbolic_batch_is_observed():
+    # torchvision's channel_shuffle and chunk: view(n, -1, h, w) and Slice bounds computed
+    # from Shape leave ONNX shape inference with unknown channels; the view runs the model
+    # once at batch 1 instead of fixing every channel after the shuffle.
+    m = make_model(
+        HEAD
+        + """g (float[N,3,8,8] x) => (float[N,4,8,8] y)
+        <float[8,3,1,1] w1, float[4,4,1,1] w2, int64[4] s5 = {2, 4, 8, 8}, int64[3] s4 = {-1, 8, 8},
+         int64[1] zero = {0}, int64[1] ax = {1}, int64[1] two = {2}> {
+            a = Conv(x, w1)
+            s = Shape(a)
+            n = Gather<axis=0>(s, zero)
+            t5 = Concat<axis=0>(n, s5)
+            r = Reshape(a, t5)
+            tt = Transpose<perm=[0,2,1,3,4]>(r)
+            t4 = Concat<axis=0>(n, s4)
+            sh = Reshape(tt, t4)
+            c = Gather<axis=0>(s, ax)
+            half = Div(c, two)
+            l = Slice(sh, zero, half, ax)
+            y = Conv(l, w2)
+        }"""
+    )
+    assert m.shape(m.tensor("sh"))[1] != 8  # what ONNX shape inference leaves
+    read = next(g for g in dependency_graph(m).produced_by("Conv_0") if g.consumers)
+    assert read.prunable and read.size == 4
+    # shuffled channel k is channel [0, 4, 1, 5, 2, 6, 3, 7][k]; the slice keeps the first 4
+    np.testing.assert_array_equal(read.producers["Conv_0"], [0, 1, -1, -1, 2, 3, -1, -1])
+    np.testing.assert_array_equal(read.consumers["Conv_1"], [0, 2, 1, 3])
+    assert m.shape(m.tensor("sh"))[1] != 8  # the caller's model is left as it was

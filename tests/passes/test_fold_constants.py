@@ -185,3 +185,25 @@ def test_selector_limits_folding():
     )
     assert not fold(model, layers="!op:Neg").modified
     assert op_types(fold(model, layers="op:Neg").model) == ["Add"]
+
+
+def test_scalar_gather_of_a_static_dim_folds():
+    # torch's x.size(1) exports as Gather(Shape(x), scalar index); its folded value must be
+    # a 0-d array (graphsurgeon cannot copy a Constant holding a numpy scalar).
+    model = make_model(
+        """
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,3,4,4] x) => (float[N,3,16] y) {
+          s = Shape (x)
+          one = Constant <value=int64 {1}> ()
+          c = Gather <axis=0> (s, one)
+          axes = Constant <value=int64[1] {0}> ()
+          cu = Unsqueeze (c, axes)
+          z = Constant <value=int64[1] {0}> ()
+          m = Constant <value=int64[1] {-1}> ()
+          shape = Concat <axis=0> (z, cu, m)
+          y = Reshape (x, shape)
+        }
+        """
+    )
+    check(model, ["Reshape"])
