@@ -5,7 +5,8 @@ has; Pad with all-zero pads; Transpose with the identity permutation, and two
 Transposes that compose to it; Reshape to the shape it already has (static, or a
 constant with 0 = copy and at most one -1); Flatten of a 2-D tensor at axis 1; Squeeze
 of a tensor with no unit dimensions; Squeeze(Unsqueeze(x)) and Unsqueeze(Squeeze(x))
-over the same axes. Graph output names never change (see ``Model.replace_uses``).
+over the same axes; Concat, Sum, Max, Min and Mean of a single input. Graph output
+names never change (see ``Model.replace_uses``).
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ def _reshape_is_noop(model: Model, node: Node) -> str | None:
     return f"{node.name} reshapes {shape_in} to {target}"
 
 
+#: Ops that return their input unchanged when given exactly one.
+_VARIADIC = ("Concat", "Sum", "Max", "Min", "Mean")
+
+
 def _noop_reason(model: Model, node: Node) -> str | None:
     """None when `node` returns its first input unchanged, otherwise why not."""
     op, x = node.op, node.inputs[0]
@@ -127,6 +132,10 @@ def _noop_reason(model: Model, node: Node) -> str | None:
         )
     if op == "Reshape":
         return _reshape_is_noop(model, node)
+    if op in _VARIADIC:
+        # torch exports `torch.cat([x])` as a one-input Concat
+        live = [t for t in node.inputs if not t.is_empty()]
+        return None if len(live) == 1 else f"{node.name} combines {len(live)} inputs"
     shape = model.shape(x)
     if op == "Flatten":
         axis = int(node.attrs.get("axis", 1))
@@ -148,7 +157,10 @@ class NoopRule(Rule):
     """A node that returns its input unchanged  =>  its input."""
 
     name = "noop"
-    ops = ("Identity", "Dropout", "Cast", "Pad", "Transpose", "Reshape", "Flatten", "Squeeze")
+    ops = (
+        "Identity", "Dropout", "Cast", "Pad", "Transpose", "Reshape", "Flatten", "Squeeze",
+        *_VARIADIC,
+    )  # fmt: skip
 
     def match(self, model: Model, node: Node) -> Match | str:
         reason = _noop_reason(model, node)

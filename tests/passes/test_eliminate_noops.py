@@ -285,3 +285,14 @@ def test_everything_through_pass_manager():
     assert [t.name for t in out.outputs] == ["y"]
     assert_equivalent(model, out)
     assert_valid(out)
+
+
+def test_single_input_variadic_ops():
+    body = "c = Concat <axis=1> (x)\n s = Sum (c)\n m = Max (s)\n y = Relu (m)"
+    check(graph(13, "float[N,4] x", "float[N,4] y", body), ["Relu"])
+
+
+def test_variadic_ops_with_two_inputs_stay():
+    body = "c = Concat <axis=1> (x, x)\n s = Sum (x, x)\n y = Relu (c)\n z = Relu (s)"
+    model = graph(13, "float[N,4] x", "float[N,8] y, float[N,4] z", body)
+    assert not eliminate(model).modified
