@@ -61,9 +61,28 @@ def _validate(model: Model, data: Mapping[str, np.ndarray]) -> dict[str, np.ndar
                         f"calibration array {t.name!r} has shape {value.shape}, the model expects {shape}"
                     )
         if t.dtype is not None and value.dtype != np.dtype(t.dtype):
-            value = value.astype(t.dtype)
+            want = np.dtype(t.dtype)
+            # float64 -> float32 or uint8 -> float32 is what users mean; float -> int
+            # (token ids, indices) would silently truncate, so that is refused.
+            if not np.can_cast(value.dtype, want, casting="same_kind"):
+                raise CalibrationError(
+                    f"calibration array {t.name!r} has dtype {value.dtype}, the model expects {want}"
+                )
+            value = value.astype(want)
         feeds[t.name] = value
+    if feeds and not len(next(iter(feeds.values()))):
+        raise CalibrationError("calibration data hold no samples")
     return feeds
+
+
+def _fixed_batch(model: Model) -> int | None:
+    """The batch size a model was exported with (a static leading input dim), or None."""
+    dims = set()
+    for t in model.inputs:
+        shape = model.shape(t)
+        if shape and isinstance(shape[0], (int, np.integer)) and shape[0] > 0:
+            dims.add(int(shape[0]))
+    return dims.pop() if len(dims) == 1 else None
 
 
 def capture(
@@ -88,8 +107,16 @@ def capture(
         Each requested tensor, batches concatenated along the first axis.
     """
     feeds = _validate(model, data)
+    tensors = list(dict.fromkeys(tensors))  # a name asked for twice is captured once
+    fixed = _fixed_batch(model)
+    if fixed is not None:
+        # A model exported with a fixed batch runs only that batch size.
+        batch_size = fixed
     probe = model.copy()
     by_name = probe.tensors()
+    if any(n in by_name and by_name[n].dtype is None for n in tensors):
+        # A graph output needs a type: a model loaded without shape inference has none.
+        probe.infer_shapes()
     missing = [n for n in tensors if n not in by_name]
     if missing:
         raise CalibrationError(f"cannot capture {missing[0]!r}: no such tensor in the model")
@@ -103,11 +130,24 @@ def capture(
         if not probe.is_graph_output(t):
             probe.graph.outputs.append(t)
         outputs.append(name)
+    untyped = [n for n in outputs if by_name[n].dtype is None]
+    if untyped:
+        raise CalibrationError(f"cannot capture {untyped[0]!r}: its type cannot be inferred")
     sess = make_session(probe)
     gathered: dict[str, list[np.ndarray]] = {n: [] for n in tensors}
     for batch in iter_batches(feeds, batch_size):
+        real = len(next(iter(batch.values()))) if batch else 0
+        if fixed is not None and 0 < real < fixed:
+            # The last, partial batch is padded with its last sample; the extra rows are
+            # dropped again before anything is kept.
+            batch = {
+                k: np.concatenate([v, np.repeat(v[-1:], fixed - real, axis=0)])
+                for k, v in batch.items()
+            }
         values = dict(zip(outputs, sess.run(outputs, batch), strict=True)) if outputs else {}
         for name in tensors:
             value = batch[name] if name in batch else values[name]
+            if fixed is not None and real < fixed:
+                value = value[:real]
             gathered[name].append(reduce(name, value) if reduce else value)
     return {n: np.concatenate(v, axis=0) if v else np.empty((0,)) for n, v in gathered.items()}

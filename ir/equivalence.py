@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tailor.errors import VerificationError
 from tailor.ir.model import Model
 from tailor.ir.ort import random_inputs, run_model
 
@@ -18,8 +19,9 @@ __all__ = ["Comparison", "compare"]
 class Comparison:
     """Distance between two models' outputs.
 
-    `max_rel` is the largest absolute difference divided by the largest magnitude of the
-    reference output (per output, then the worst), so it does not explode on zeros.
+    `max_rel` is the largest absolute difference divided by the largest finite magnitude
+    of the reference output (per output, then the worst), so it does not explode on zeros.
+    Positions where both outputs are NaN, or the same infinity, agree.
     """
 
     max_abs: float
@@ -48,6 +50,9 @@ def compare(
         reference: the original model.
         candidate: the rewritten model (same inputs and outputs).
         inputs: feeds; random ones (see :func:`random_inputs`) when None.
+
+    Raises:
+        VerificationError: the models' outputs differ in number or shape.
     """
     feeds = dict(inputs) if inputs is not None else random_inputs(reference, batch=batch, seed=seed)
     ref = list(run_model(reference, feeds).items())
@@ -57,16 +62,24 @@ def compare(
         ).values()
     )
     if len(ref) != len(cand):
-        raise ValueError(f"the models have {len(ref)} and {len(cand)} outputs")
+        raise VerificationError(f"the models have {len(ref)} and {len(cand)} outputs")
     per: dict[str, tuple[float, float]] = {}
     for (name, a), b in zip(ref, cand, strict=True):
         if a.shape != b.shape:
-            raise ValueError(
+            raise VerificationError(
                 f"output {name!r} has shape {a.shape} in the reference and {b.shape} in the candidate"
             )
         a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        abs_err = float(np.max(np.abs(a64 - b64))) if a64.size else 0.0
-        scale = float(np.max(np.abs(a64))) if a64.size else 0.0
+        with np.errstate(invalid="ignore"):
+            diff = np.abs(a64 - b64)
+        # NaN where both are NaN (Log of a random negative input) or the same infinity
+        # is agreement; NaN on one side only is the worst disagreement, not a NaN error
+        # that compares false with every tolerance and hides in max().
+        diff[(a64 == b64) | (np.isnan(a64) & np.isnan(b64))] = 0.0
+        diff[np.isnan(diff)] = np.inf
+        abs_err = float(np.max(diff)) if a64.size else 0.0
+        finite = np.abs(a64[np.isfinite(a64)])
+        scale = float(np.max(finite)) if finite.size else 0.0
         per[name] = (
             abs_err,
             abs_err / scale if scale > 0 else (0.0 if abs_err == 0 else float("inf")),

@@ -7,6 +7,7 @@ restricts where it applies (see :mod:`tailor.passes.selectors`).
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -110,6 +111,9 @@ class Param:
                 )
             value = _normalise_rank(value, name)
         elif kind in ("str", "selector", "choice"):
+            if kind == "choice" and isinstance(value, (int, float, np.integer, np.floating)):
+                # Numeric choices (bits=4|8) come typed from the API, plans and search ranges.
+                value = str(value)
             if not isinstance(value, str):
                 raise ParameterError(f"parameter {name} must be a string, got {value!r}")
             if kind == "selector":
@@ -174,7 +178,8 @@ def format_value(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     text = str(value)
-    if text == "" or any(c in text for c in ",()=' \"\t\n"):
+    # Any whitespace (not only space, tab, newline) ends a bare value in the parser.
+    if text == "" or any(c in ",()='\"" or c.isspace() for c in text):
         return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
     return text
 
@@ -252,8 +257,11 @@ class Pass:
         schema = self.schema()
         unknown = set(kwargs) - set(schema)
         if unknown:
+            bad = sorted(unknown)[0]
+            close = difflib.get_close_matches(bad.lower(), list(schema), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
             raise ParameterError(
-                f"pass {self.name} has no parameter {sorted(unknown)[0]!r} (parameters: {', '.join(schema)})"
+                f"pass {self.name} has no parameter {bad!r}; {hint}(parameters: {', '.join(schema)})"
             )
         config: dict[str, Any] = {}
         for pname, param in schema.items():
@@ -262,7 +270,8 @@ class Pass:
                 try:
                     value = (
                         param.parse(value)
-                        if isinstance(value, str) and param.kind not in ("str", "selector", "choice")
+                        if isinstance(value, str)
+                        and param.kind not in ("str", "selector", "choice")
                         else param.validate(value)
                     )
                 except ParameterError as e:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx
 
 from tailor.errors import DynamicShapeError, PassError, TailorError, VerificationError
@@ -140,8 +141,13 @@ class PassManager:
     @staticmethod
     def _verify_lossless(before: Model, after: Model, ctx: PassContext) -> str:
         feeds = None
-        if ctx.calibration:
-            feeds = {k: v[:4] for k, v in ctx.calibration.items()}
+        if ctx.calibration and all(t.name in ctx.calibration for t in before.inputs):
+            # Only the model's inputs, in its dtypes: API callers hand in float64 arrays
+            # or extra arrays (labels), which onnxruntime refuses.
+            feeds = {}
+            for t in before.inputs:
+                value = np.asarray(ctx.calibration[t.name][:4])
+                feeds[t.name] = value if t.dtype is None else value.astype(t.dtype, copy=False)
         try:
             cmp = compare(before, after, feeds, seed=ctx.seed)
         except DynamicShapeError as e:

@@ -234,6 +234,215 @@ def passes(name: str | None) -> None:
                 click.echo("\n" + "\n".join("  " + line.strip() for line in text.splitlines()))
 
 
+_targets_file_option = click.option(
+    "--targets-file",
+    "targets_files",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="Load user targets from a YAML file (repeatable).",
+)
+
+
+def _load_target_files(paths: Sequence[str]) -> None:
+    from tailor.targets import load_targets
+
+    for path in paths:
+        load_targets(path)
+
+
+@cli.command()
+@click.argument("name", required=False)
+@_targets_file_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def targets(name: str | None, targets_files: tuple[str, ...], as_json: bool) -> None:
+    """List the device targets (or describe one, with the source of every figure).
+
+    NAME may also be a YAML file defining one target, or FILE.yaml:NAME.
+    """
+    from tailor.targets import available_targets, get_target
+
+    _load_target_files(targets_files)
+    chosen = {name: get_target(name)} if name else available_targets()
+    if as_json:
+        click.echo(json.dumps([t.to_dict() for t in chosen.values()], indent=2))
+        return
+    if name:
+        t = chosen[name]
+        click.echo(f"{t.name}: {t.description}")
+        if "description" in t.sources:
+            click.echo(f"      source: {t.sources['description']}")
+        for key, value in t.to_dict().items():
+            if key in ("name", "description", "sources"):
+                continue
+            text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+            click.echo(f"  {key}: {text}")
+            for skey, source in t.sources.items():
+                if skey == key or skey.startswith(f"{key}."):
+                    label = skey.partition(".")[2] or "source"
+                    click.echo(f"      {label}: {source}")
+        return
+    rows = [
+        [
+            t.name,
+            t.kind,
+            t.arch,
+            str(t.cores),
+            f"{t.peak('float32'):,.0f}",
+            f"{t.mem_bandwidth_gbs:g}",
+            f"{t.memory_mb:,}",
+            f"{t.power_idle_w:g}/{t.power_active_w:g}",
+            t.description,
+        ]
+        for t in chosen.values()
+    ]
+    header = [
+        "name",
+        "kind",
+        "arch",
+        "cores",
+        "fp32 GFLOP/s",
+        "GB/s",
+        "memory MiB",
+        "W idle/active",
+    ]
+    click.echo(_table(rows, [*header, "description"], right={3, 4, 5, 6, 7}))
+    click.echo("\n`tailor targets NAME` shows every figure and its source.")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option(
+    "-t", "--target", "target_name", required=True, help="Target name, or FILE.yaml[:NAME]."
+)
+@_targets_file_option
+@click.option("--rpc", metavar="HOST:PORT", help="Measure on devices behind this TVM RPC tracker.")
+@click.option("--key", metavar="NAME", help="The devices' key at the tracker (with --rpc).")
+@click.option(
+    "--trials",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Measured candidates per task (fused operator).",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    help="Root of the tuning databases [default: ~/.cache/tailor/tune].",
+)
+@_input_shape_option
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the tracker and for a free device.",
+)
+@click.option("--seed", type=int, default=None, help="Seed of the search (default: random).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Also write the tuned module (.so; .tar for the device to link).",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
+def tune(
+    model: str,
+    target_name: str,
+    targets_files: tuple[str, ...],
+    rpc: str | None,
+    key: str | None,
+    trials: int,
+    cache_dir: str | None,
+    input_shapes: tuple[str, ...],
+    timeout: float,
+    seed: int | None,
+    output: str | None,
+    quiet: bool,
+) -> None:
+    """Tune MODEL's operators for a target with TVM MetaSchedule.
+
+    Each task gets --trials measured candidates; records go to a database in the cache
+    directory after every batch, so an interrupted run (Ctrl-C keeps the batch in flight)
+    resumes where it stopped and a finished one is not measured again.
+    """
+    from tailor.errors import TailorError
+    from tailor.ir.model import Model
+    from tailor.targets import get_target
+    from tailor.targets import tune as tuning
+    from tailor.targets.tvm_build import export_module
+
+    if bool(rpc) != bool(key):
+        raise TailorError("--rpc HOST:PORT and --key NAME go together")
+    _load_target_files(targets_files)
+    target = get_target(target_name)
+    shapes = _resolve_shapes(model, _shapes(input_shapes))
+    loaded = Model.load(model)
+
+    def progress(p: tuning.TuneProgress) -> None:
+        if quiet:
+            return
+        best = (
+            f"best {_fmt_us(p.task.best_us)} us" if p.task.best_us is not None else "no result yet"
+        )
+        click.echo(
+            f"[{p.measured}/{p.planned}] task {p.task_index + 1}/{p.task_count} "
+            f"{p.task.name}: {p.task.trials}/{p.budget} trials, {best}",
+            err=True,
+        )
+
+    try:
+        result = tuning.tune(
+            loaded,
+            target,
+            trials=trials,
+            rpc=rpc,
+            key=key,
+            cache_dir=cache_dir,
+            input_shapes=shapes,
+            timeout=timeout,
+            seed=seed,
+            progress=progress,
+        )
+    except tuning.TuneInterrupted as e:
+        _print_tune_result(e.result)
+        raise
+    _print_tune_result(result)
+    if output:
+        built = tuning.build_tuned(loaded, target, cache_dir=cache_dir, input_shapes=shapes)
+        click.echo(f"wrote {export_module(built, output)}")
+
+
+def _fmt_us(us: float) -> str:
+    return f"{us:,.1f}" if us >= 10 else f"{us:.3g}"
+
+
+def _print_tune_result(result) -> None:
+    rows = []
+    for t in result.tasks:
+        gflops = t.flops / t.best_us / 1e3 if t.best_us else None
+        rows.append(
+            [
+                t.name,
+                str(t.weight),
+                f"{t.trials_before}->{t.trials}" if t.measured else str(t.trials),
+                "-" if t.best_us is None else _fmt_us(t.best_us),
+                "-" if gflops is None else f"{gflops:,.2f}",
+            ]
+        )
+    header = ["task", "weight", "trials", "best us", "GFLOP/s"]
+    click.echo(_table(rows, header, right={1, 2, 3, 4}))
+    latency = result.latency_us
+    state = "interrupted; " if result.interrupted else ""
+    click.echo(
+        f"\n{state}{result.measured} new measurement(s); "
+        + (f"tuned tasks sum to {_fmt_us(latency)} us per run; " if latency is not None else "")
+        + f"database {result.database_dir}"
+    )
+    for t in result.tasks:
+        if t.error and t.best_us is None:
+            click.echo(f"warning: no successful measurement of {t.name}: {t.error}", err=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: runs the CLI, maps errors to one line and an exit code."""
     from tailor.errors import TailorError

@@ -17,6 +17,9 @@ __all__ = [
     "ParameterError",
     "PassError",
     "VerificationError",
+    "TargetError",
+    "ToolchainError",
+    "RPCError",
 ]
 
 
@@ -54,3 +57,15 @@ class PassError(TailorError):
 
 class VerificationError(TailorError):
     """A pass broke a post-condition (invalid graph, changed outputs of a lossless pass)."""
+
+
+class TargetError(TailorError):
+    """A target is unknown, badly defined (YAML, fields, TVM target) or cannot run here."""
+
+
+class ToolchainError(TailorError):
+    """A compiler a target needs (a cross compiler, an NDK) is not installed."""
+
+
+class RPCError(TailorError):
+    """A TVM RPC tracker or device cannot be reached: bad address, no server, unknown key."""
