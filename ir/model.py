@@ -302,7 +302,7 @@ class Model:
         attrs: dict | None = None,
         outputs: Sequence[Tensor] | None = None,
         dtype=None,
-        domain: str | None = None,
+        domain: str = "",
     ) -> Node:
         """Appends a node; creates one fresh output Variable when `outputs` is None.
 
