@@ -292,9 +292,9 @@ class Pass:
 
     @classmethod
     def summary(cls) -> str:
-        """First line of the docstring."""
+        """First paragraph of the docstring, on one line."""
         doc = (cls.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
+        return " ".join(line.strip() for line in doc.split("\n\n")[0].splitlines())
 
     def selects(self, model: Model, node) -> bool:
         """Whether `node` is inside this pass's `layers` selector."""

@@ -228,8 +228,8 @@ def passes(name: str | None) -> None:
         for param in cls.schema().values():
             click.echo(f"    {param.describe()}")
         if name:
-            doc = (cls.__doc__ or "").strip().splitlines()[1:]
-            text = "\n".join(doc).strip()
+            # the first paragraph is the summary printed above
+            text = "\n\n".join((cls.__doc__ or "").strip().split("\n\n")[1:]).strip()
             if text:
                 click.echo("\n" + "\n".join("  " + line.strip() for line in text.splitlines()))
 
