@@ -105,6 +105,8 @@ SETTINGS: tuple[Setting, ...] = (
     _s("prune_channels(ratio=0.5)", "prune"),
     _s("prune_channels(ratio=0.5,reconstruct=false)", "prune"),
     _s("prune_channels(ratio=0.5,criterion=activation)", "prune"),
+    _s("prune_channels(ratio=0.3,criterion=refit)", "prune"),
+    _s("prune_channels(ratio=0.5,criterion=refit)", "prune"),
     # Ranking by BatchNormalization scales needs the BN nodes that `fuse` folds away.
     _s("prune_channels(ratio=0.5,criterion=bn_scale),fuse", "prune", prefix=""),
     _s("svd(rank=0.25)", "low-rank"),
@@ -385,7 +387,12 @@ def _checks(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     base = acc("resnet", "baseline")
     for setting, limit, what in (
-        ("prune_channels(ratio=0.5)", 2.0, "50 % channel pruning with reconstruction"),
+        ("prune_channels(ratio=0.5)", 2.0, "50 % channel pruning with reconstruction, l1 ranking"),
+        (
+            "prune_channels(ratio=0.5,criterion=refit)",
+            2.0,
+            "50 % channel pruning with reconstruction, least-squares channel selection",
+        ),
         ("quantize(mode=int8)", 0.5, "int8 static quantization"),
     ):
         value = acc("resnet", setting)

@@ -261,10 +261,19 @@ class Model:
 
     @staticmethod
     def constant_value(tensor: Tensor) -> np.ndarray | None:
-        """The value of `tensor` if it is an initializer or a Constant node's output."""
+        """The value of `tensor` if it is an initializer or a Constant node's output.
+
+        Identity chains over a constant count as that constant: exporters emit them for
+        shared or tied parameters (a BatchNorm's scale, a tied embedding).
+        """
         if isinstance(tensor, gs.Constant):
             return np.asarray(tensor.values)
         prod = tensor.inputs[0] if tensor.inputs else None
+        while prod is not None and prod.op == "Identity" and prod.inputs:
+            source = prod.inputs[0]
+            if isinstance(source, gs.Constant):
+                return np.asarray(source.values)
+            prod = source.inputs[0] if source.inputs else None
         if prod is not None and prod.op == "Constant" and not prod.inputs:
             attrs = prod.attrs
             if "value" in attrs:

@@ -9,7 +9,31 @@ from onnx import numpy_helper, parser
 from tailor.ir import Model, compare
 from tailor.passes import PassContext, PassManager, check_model
 
-__all__ = ["make_model", "assert_equivalent", "run_passes", "op_types", "assert_valid"]
+__all__ = [
+    "ARCHITECTURE_NAMES",
+    "make_model",
+    "assert_equivalent",
+    "run_passes",
+    "op_types",
+    "assert_valid",
+]
+
+# The reference architectures of tests/architectures.py, named without importing torch so
+# test modules can parametrize over them and still collect where torch is absent.
+ARCHITECTURE_NAMES = (
+    "resnet18",
+    "resnet50",
+    "resnext",
+    "mobilenet_v2",
+    "mobilenet_v3",
+    "efficientnet_b0",
+    "densenet",
+    "shufflenet_v2",
+    "squeezenet",
+    "googlenet",
+    "vgg",
+    "depthwise_multiplier",
+)
 
 
 def make_model(text: str, weights: dict[str, np.ndarray] | None = None, *, seed: int = 0) -> Model:

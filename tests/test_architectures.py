@@ -20,22 +20,9 @@ import pytest
 from tailor.ir import Model, compare
 from tailor.ir.dependency import ChannelGroup, DependencyGraph, dependency_graph
 from tailor.passes import PassManager
-from tests.helpers import assert_equivalent, assert_valid, op_types, run_passes
+from tests.helpers import ARCHITECTURE_NAMES, assert_equivalent, assert_valid, op_types, run_passes
 
-NAMES = (
-    "resnet18",
-    "resnet50",
-    "resnext",
-    "mobilenet_v2",
-    "mobilenet_v3",
-    "efficientnet_b0",
-    "densenet",
-    "shufflenet_v2",
-    "squeezenet",
-    "googlenet",
-    "vgg",
-    "depthwise_multiplier",
-)
+NAMES = ARCHITECTURE_NAMES
 LAYERS = ("Conv", "ConvTranspose", "Gemm")
 # DenseNet's pre-activation BatchNorms (5 dense layers, the transition, norm5) read a
 # Concat, and a ReLU separates them from the next Conv: there is no layer to fold into.

@@ -577,3 +577,16 @@ def test_fingerprint_tells_weights_apart_across_tensor_boundaries():
     assert one.fingerprint() == two.fingerprint()
     three = make_model(text, {"a": np.array([3, 4], np.float32), "b": np.array([1, 2], np.float32)})
     assert three.fingerprint() != one.fingerprint()
+
+
+def test_constant_value_looks_through_identity_chains():
+    model = make_model(
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        + """g (float[2] x) => (float[2] y) <float[2] c = {1.0, 2.0}> {
+            i1 = Identity(c)
+            i2 = Identity(i1)
+            y = Add(x, i2)
+        }"""
+    )
+    np.testing.assert_array_equal(model.constant_value(model.tensor("i2")), [1.0, 2.0])
+    assert model.constant_value(model.tensor("y")) is None

@@ -18,11 +18,19 @@ import pytest
 from tailor.errors import ParameterError, PassError
 from tailor.ir import Model, compare, run_model
 from tailor.ir.activations import capture
+from tailor.ir.dependency import dependency_graph
 from tailor.ir.layers import layer_weight, summarize
 from tailor.passes import PassContext, PassManager
 from tailor.passes._lstsq import conv_geometry, conv_patches, refit_linear
 from tailor.passes.prune_channels import PruneChannels
-from tests.helpers import assert_equivalent, assert_valid, make_model, op_types, run_passes
+from tests.helpers import (
+    ARCHITECTURE_NAMES,
+    assert_equivalent,
+    assert_valid,
+    make_model,
+    op_types,
+    run_passes,
+)
 
 HEAD = '<ir_version: 8, opset_import: ["" : 17]>\n'
 RNG = np.random.default_rng(0)
@@ -116,6 +124,33 @@ def test_conv_bn_relu_conv_structure_and_exactness():
     assert any("no calibration data" in line for line in result.changes)
     assert_equivalent(model, out)
     assert_valid(out)
+
+
+def test_batchnorm_parameters_behind_identity_nodes_are_sliced():
+    # Exporters route shared parameters through Identity: the BN's scale and mean here.
+    text = CONV_BN_CONV.replace(
+        "n = BatchNormalization(a, s, b, mu, var)",
+        "si = Identity(s)\n        mi = Identity(mu)\n        n = BatchNormalization(a, si, b, mi, var)",
+    )
+    removed = (0, 2, 5, 7)
+    model = conv_bn_conv(removed)
+    model = make_model(
+        text,
+        {
+            k: v
+            for k, v in zip(
+                ("w1", "w2"), (weight(model, "Conv_0"), weight(model, "Conv_1")), strict=True
+            )
+        }
+        | bn(8),
+    )
+    result = prune(model, ratio=0.5)
+    keep = kept(8, removed)
+    bn_node = next(n for n in result.model.nodes if n.op == "BatchNormalization")
+    np.testing.assert_array_equal(result.model.constant_value(bn_node.inputs[1]), bn(8)["s"][keep])
+    np.testing.assert_array_equal(result.model.constant_value(bn_node.inputs[3]), bn(8)["mu"][keep])
+    assert_equivalent(model, result.model)
+    assert_valid(result.model)
 
 
 def test_ratio_zero_leaves_the_model_unchanged():
@@ -738,7 +773,58 @@ def test_bn_scale_without_batchnorm_falls_back_to_l1():
     assert result.layer_notes["Conv_0"]["criterion"] == "l1"
 
 
-@pytest.mark.parametrize("criterion", ["activation", "apoz"])
+def redundant_pair_model() -> Model:
+    """Channel 3 repeats channel 0's filter (times 2, through a Relu): a re-fitted reader
+    loses nothing without it, while the norm criteria keep it (the largest filter)."""
+    w1 = randn(4, 3, 3, 3, seed=11)
+    w1[1] *= 0.05  # smallest by norm, but carries its own information
+    w1[3] = 2 * w1[0]
+    return make_model(
+        HEAD
+        + """g (float[N,3,8,8] x) => (float[N,5,8,8] y) <float[4,3,3,3] w1, float[5,4,1,1] w2> {
+            a = Conv<pads=[1,1,1,1]>(x, w1)
+            r = Relu(a)
+            y = Conv(r, w2)
+        }""",
+        {"w1": w1, "w2": randn(5, 4, 1, 1, seed=12)},
+    )
+
+
+def test_refit_criterion_drops_the_channel_the_reader_can_make_up_for():
+    model = redundant_pair_model()
+    data = {"x": randn(32, 3, 8, 8, seed=13)}
+    original = weight(model, "Conv_0")
+    l1 = prune(model, data, ratio=0.25)
+    w = weight(l1.model, "Conv_0")
+    assert not any(np.array_equal(row, original[1]) for row in w)  # l1 drops the small one
+    result = prune(model, data, ratio=0.25, criterion="refit")
+    w = weight(result.model, "Conv_0")
+    gone = [i for i in range(4) if not any(np.array_equal(row, original[i]) for row in w)]
+    assert gone in ([0], [3])  # either half of the redundant pair
+    assert result.layer_notes["Conv_0"]["criterion"] == "refit"
+    # Nothing is lost: the re-fitted reader routes channel 0's share through its twin.
+    assert result.layer_notes["Conv_1"]["rel_error"] < 1e-2
+    held_out = {"x": randn(8, 3, 8, 8, seed=14)}
+    assert output_error(model, result.model, held_out) < 1e-2
+    assert output_error(model, l1.model, held_out) > 0.01
+    assert_valid(result.model)
+
+
+def test_refit_criterion_orders_by_elimination_cost():
+    from tailor.passes._prune_select import elimination_scores, gather_normals
+
+    model = redundant_pair_model()
+    data = {"x": randn(32, 3, 8, 8, seed=13)}
+    normals = gather_normals(model, ["Conv_1"], data, seed=0)
+    assert set(normals) == {"Conv_1"} and normals["Conv_1"].gram.shape == (4, 4)
+    group = next(g for g in dependency_graph(model).groups if "Conv_0" in g.producers)
+    scores = elimination_scores(group, normals, drop=2)
+    assert sorted(scores.argsort()[:1].tolist())[0] in (0, 3)
+    assert sorted(scores[scores < 2].tolist()) == [0.0, 1.0] and (scores[scores >= 2] >= 2).all()
+    assert elimination_scores(group, {}, drop=2) is None  # no modelled reader: caller uses l1
+
+
+@pytest.mark.parametrize("criterion", ["activation", "apoz", "refit"])
 def test_data_criteria_need_calibration_data(criterion):
     with pytest.raises(PassError, match="needs calibration data"):
         prune(criteria_model(), ratio=0.5, criterion=criterion)
@@ -914,20 +1000,7 @@ def test_reconstruction_is_seeded_and_deterministic():
 
 
 # ---------------------------------------------------------------------- architectures
-NAMES = (
-    "resnet18",
-    "resnet50",
-    "resnext",
-    "mobilenet_v2",
-    "mobilenet_v3",
-    "efficientnet_b0",
-    "densenet",
-    "shufflenet_v2",
-    "squeezenet",
-    "googlenet",
-    "vgg",
-    "depthwise_multiplier",
-)
+NAMES = ARCHITECTURE_NAMES
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -948,6 +1021,19 @@ def test_half_of_every_prunable_group_on_real_architectures(
     assert summarize(out).params < 0.6 * summarize(model).params
     assert [t.name for t in out.outputs] == ["logits"]
     assert out.shape(out.inputs[0])[0] == "N"
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "shufflenet_v2", "googlenet"])
+def test_refit_criterion_on_real_architectures(name: str, arch_path: Callable[[str], Path]):
+    model = Model.load(arch_path(name))
+    images = randn(24, 3, 32, 32, seed=8)
+    calib, held_out = {"input": images[:16]}, {"input": images[16:]}
+    result = prune(model, calib, ratio=0.5, criterion="refit")
+    assert_valid(result.model)
+    criteria = {v["criterion"] for v in result.layer_notes.values() if "criterion" in v}
+    assert "refit" in criteria and criteria <= {"refit", "l1"}
+    x = run_model(result.model, held_out)["logits"]
+    assert x.shape == (8, 10) and np.isfinite(x).all()
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "shufflenet_v2", "googlenet"])
