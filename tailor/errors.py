@@ -20,6 +20,8 @@ __all__ = [
     "TargetError",
     "ToolchainError",
     "RPCError",
+    "DemandsError",
+    "PlanError",
 ]
 
 
@@ -69,3 +71,11 @@ class ToolchainError(TailorError):
 
 class RPCError(TailorError):
     """A TVM RPC tracker or device cannot be reached: bad address, no server, unknown key."""
+
+
+class DemandsError(TailorError):
+    """A budget, weight or demands file the scheduler cannot read."""
+
+
+class PlanError(TailorError):
+    """A plan file that is malformed, or does not fit the model it is applied to."""
