@@ -11,6 +11,7 @@ import os
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -21,12 +22,16 @@ from tailor.ir.layers import ModelSummary, summarize
 from tailor.ir.model import Model
 from tailor.passes import PassContext, PassManager, PipelineResult
 
+if TYPE_CHECKING:
+    from tailor.plan import Plan
+
 __all__ = [
     "ModelSource",
     "load",
     "inspect_model",
     "load_calibration",
     "run_pipeline",
+    "apply_plan",
     "parse_input_shape",
 ]
 
@@ -209,3 +214,55 @@ def run_pipeline(
             raise ModelLoadError(f"cannot write {output}: {e}") from e
         logger.info("wrote %s", output)
     return result
+
+
+def apply_plan(
+    source: ModelSource,
+    plan: Plan | str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    calibration: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+    force: bool = False,
+    check: str = "full",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> PipelineResult:
+    """Replays a plan on the model it was made for: its canonical pipeline, its seed.
+
+    Args:
+        source: the model (a path or bytes let the plan's model hash be checked).
+        plan: a :class:`~tailor.plan.Plan` or the path of a plan file (YAML or JSON).
+        output: where to write the result; None: do not save.
+        calibration: the data the plan's data-driven passes need (pruning re-fits,
+            int8 calibration), as for :func:`run_pipeline`.
+        force: apply even when the model is not the one the plan was made for.
+
+    Raises:
+        PlanError: the plan is malformed, or was made for another model (without `force`).
+    """
+    from tailor.errors import PlanError
+    from tailor.plan import Plan, model_digest
+
+    if not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    data: bytes | None = None
+    if isinstance(source, bytes):
+        data = source
+    elif isinstance(source, (str, os.PathLike)) and Path(source).is_file():
+        data = Path(source).read_bytes()
+    if data is not None and plan.model_sha256 and model_digest(data) != plan.model_sha256:
+        message = (
+            f"the plan was made for another model (sha256 {plan.model_sha256[:12]}..., "
+            f"this one {model_digest(data)[:12]}...)"
+        )
+        if not force:
+            raise PlanError(message + "; pass force=True (--force) to apply it anyway")
+        logger.warning("%s; applying anyway", message)
+    return run_pipeline(
+        data if data is not None else source,
+        plan.pipeline,
+        output,
+        calibration=calibration,
+        check=check,
+        seed=plan.seed,
+        progress=progress,
+    )

@@ -213,6 +213,51 @@ def run(
     click.echo(f"pipeline: {result.pipeline}")
 
 
+@cli.command(name="apply")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("plan", type=click.Path(dir_okay=False))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Where to write the .onnx.",
+)
+@click.option(
+    "--data",
+    metavar="FILE.npz[:ARRAY]",
+    help="Calibration data for the plan's data-driven passes (pruning re-fits, int8).",
+)
+@click.option(
+    "--force", is_flag=True, help="Apply even if MODEL is not the model the plan was made for."
+)
+@click.option(
+    "--check",
+    type=click.Choice(["full", "basic", "none"]),
+    default="full",
+    show_default=True,
+    help="Checks after each pass.",
+)
+def apply_cmd(
+    model: str, plan: str, output: str, data: str | None, force: bool, check: str
+) -> None:
+    """Replay PLAN (from `tailor compress`, YAML or JSON) on MODEL exactly."""
+    from tailor.api import apply_plan
+    from tailor.plan import Plan
+
+    loaded = Plan.load(plan)
+
+    def progress(name: str, i: int, total: int) -> None:
+        click.echo(f"[{i + 1}/{total}] {name} ...", err=True)
+
+    result = apply_plan(
+        model, loaded, output, calibration=data, force=force, check=check, progress=progress
+    )
+    changed = len(loaded.changed_layers())
+    click.echo(f"applied {changed} layer change(s) of {len(loaded.layers)}; wrote {output}")
+    click.echo(f"pipeline: {result.pipeline}")
+
+
 @cli.command()
 @click.argument("name", required=False)
 def passes(name: str | None) -> None:
