@@ -22,6 +22,7 @@ __all__ = [
     "RPCError",
     "DemandsError",
     "PlanError",
+    "EvaluatorError",
 ]
 
 
@@ -79,3 +80,7 @@ class DemandsError(TailorError):
 
 class PlanError(TailorError):
     """A plan file that is malformed, or does not fit the model it is applied to."""
+
+
+class EvaluatorError(TailorError):
+    """An evaluator (labels file, `module:function`) that cannot be built or that failed."""

@@ -1,0 +1,96 @@
+"""Evaluators: top-1 accuracy, fidelity, a user's module:function, labels files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tailor.errors import EvaluatorError
+from tailor.evaluate import (
+    Fidelity,
+    TopOneAccuracy,
+    load_labels,
+    load_user_evaluator,
+    split_samples,
+)
+from tailor.ir import Model
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    with np.load(EXAMPLE / "digits.npz") as f:
+        return Model.load(EXAMPLE / "digits_cnn.onnx"), f["test_x"], f["test_y"]
+
+
+def test_top1_accuracy_of_the_example_is_its_documented_figure(digits):
+    model, x, y = digits
+    assert TopOneAccuracy(x, y)(model) == pytest.approx(0.9972, abs=5e-4)
+    one_hot = np.eye(10)[y]
+    assert TopOneAccuracy(x, one_hot)(model) == TopOneAccuracy(x, y)(model)
+    with pytest.raises(EvaluatorError, match="pair up"):
+        TopOneAccuracy(x, y[:-1])
+
+
+def test_fidelity_is_one_for_the_model_itself_and_drops_for_a_damaged_one(digits):
+    model, x, _ = digits
+    fid = Fidelity(model, x[:200])
+    assert fid(model) == 1.0
+    damaged = model.copy()
+    gemm = next(n for n in damaged.nodes if n.op == "Gemm")
+    w = damaged.constant_value(gemm.inputs[1])
+    gemm.inputs[1] = damaged.add_constant(
+        "w_noise", (w + np.random.default_rng(0).normal(0, 1, w.shape)).astype(w.dtype)
+    )
+    assert fid(damaged) < 0.9
+
+
+def test_user_evaluator_from_a_file(tmp_path, digits):
+    model, _, _ = digits
+    script = tmp_path / "myeval.py"
+    script.write_text(
+        "import onnx\n"
+        "def score(path):\n"
+        "    return float(len(onnx.load(path).graph.node))\n"
+        "def bad(path):\n"
+        "    return 'high'\n"
+        "def boom(path):\n"
+        "    raise RuntimeError('no GPU here')\n"
+    )
+    assert load_user_evaluator(f"{script}:score")(model) == len(model.nodes)
+    with pytest.raises(EvaluatorError, match="not a number"):
+        load_user_evaluator(f"{script}:bad")(model)
+    with pytest.raises(EvaluatorError, match="failed: RuntimeError: no GPU here"):
+        load_user_evaluator(f"{script}:boom")(model)
+    with pytest.raises(EvaluatorError, match="no function 'nope'"):
+        load_user_evaluator(f"{script}:nope")
+    with pytest.raises(EvaluatorError, match="not module:function"):
+        load_user_evaluator("justamodule")
+    with pytest.raises(EvaluatorError, match="cannot import"):
+        load_user_evaluator("no_such_module_xyz:f")
+
+
+def test_labels_files(tmp_path):
+    np.savez(tmp_path / "a.npz", x=np.zeros((4, 2)), y=np.arange(4))
+    x, y = load_labels(tmp_path / "a.npz")
+    assert x.shape == (4, 2) and list(y) == [0, 1, 2, 3]
+    np.savez(tmp_path / "b.npz", imgs=np.zeros((3, 2)), cls=np.arange(3))
+    with pytest.raises(EvaluatorError, match="name the arrays"):
+        load_labels(tmp_path / "b.npz")
+    x, y = load_labels(f"{tmp_path / 'b.npz'}:imgs,cls")
+    assert len(x) == len(y) == 3
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object))
+    np.savez(tmp_path / "c.npz", x=np.array([{"a": 1}], dtype=object), y=np.arange(1))
+    with pytest.raises(EvaluatorError, match="not a readable"):
+        load_labels(tmp_path / "c.npz")
+    with pytest.raises(EvaluatorError, match="no such file"):
+        load_labels(tmp_path / "missing.npz")
+
+
+def test_split_is_seeded_and_disjoint():
+    a, b = split_samples((np.zeros(100),), 0.3, seed=1)
+    assert len(b) == 30 and len(a) == 70 and not set(a) & set(b)
+    assert (split_samples((np.zeros(100),), 0.3, seed=1)[1] == b).all()
