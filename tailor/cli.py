@@ -488,6 +488,17 @@ def _print_tune_result(result) -> None:
             click.echo(f"warning: no successful measurement of {t.name}: {t.error}", err=True)
 
 
+def _register() -> None:
+    from tailor.cli_compress import compress_cmd
+    from tailor.cli_cost import cost_cmd
+
+    cli.add_command(compress_cmd)
+    cli.add_command(cost_cmd)
+
+
+_register()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: runs the CLI, maps errors to one line and an exit code."""
     from tailor.errors import TailorError

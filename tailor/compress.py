@@ -1,0 +1,305 @@
+"""`tailor compress`: choose, layer by layer, the passes that best meet the user's demands
+on a target, then apply them and report.
+
+The scheduler is the one room that combines the others (DESIGN.md): the candidate space
+comes from the IR (`tailor.space`), candidates are built by the passes, judged by an
+evaluator (`tailor.evaluate`) and by the target's cost models (`tailor.costing`), and
+searched by a strategy (`tailor.search`). The result is a :class:`~tailor.plan.Plan`, the
+model it gives, and a report.
+
+Accuracy is searched on one part of the labelled data and verified on the other (never
+on the calibration set the passes fit to), so a plan that meets the budget in the search
+but not on held-out data is reported as such.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tailor.demands import Demands
+from tailor.errors import TailorError
+from tailor.evaluate import Evaluator, Fidelity, TopOneAccuracy, split_samples
+from tailor.ir.model import Model
+from tailor.plan import Plan, model_digest, pipeline_text
+from tailor.search.base import Budget, Evaluation, SearchResult, Unit, search
+from tailor.search.cache import CachedProblem
+from tailor.space import SpaceConfig, assignment_layers, build_space
+
+__all__ = ["ModelProblem", "CompressResult", "compress"]
+
+logger = logging.getLogger(__name__)
+
+CostFn = Callable[[Model], dict[str, Any]]
+
+
+class ModelProblem:
+    """The search problem of one model: build a candidate with the passes, then measure it.
+
+    Failures of one candidate (a pass refusing a layer, a checker error) come back as an
+    :class:`Evaluation` with the error, so the search goes on.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        units: Sequence[Unit],
+        *,
+        calibration: Mapping[str, np.ndarray],
+        evaluator: Evaluator,
+        costs: CostFn,
+        seed: int = 0,
+    ):
+        self.model = model
+        self.units = list(units)
+        self.calibration = dict(calibration)
+        self.evaluator = evaluator
+        self.costs = costs
+        self.seed = seed
+        self.baseline = self.measure(model)
+
+    def pipeline(self, assignment: Sequence[int]) -> str:
+        return pipeline_text(assignment_layers(self.model, self.units, assignment))
+
+    def build(self, assignment: Sequence[int]) -> Model:
+        """The candidate model of an assignment."""
+        from tailor.api import run_pipeline
+
+        if not any(assignment):
+            return self.model.copy()
+        result = run_pipeline(
+            self.model,
+            self.pipeline(assignment),
+            calibration=self.calibration,
+            check="basic",
+            seed=self.seed,
+        )
+        return result.model
+
+    def measure(self, model: Model) -> dict[str, float]:
+        metrics = {"accuracy": float(self.evaluator(model))}
+        for key, value in self.costs(model).items():
+            metrics[key] = float(value.value if hasattr(value, "value") else value)
+        return metrics
+
+    def evaluate(self, assignments: list[tuple[int, ...]]) -> list[Evaluation]:
+        out = []
+        for assignment in assignments:
+            start = time.perf_counter()
+            try:
+                metrics = self.measure(self.build(assignment))
+                out.append(Evaluation(metrics, None, time.perf_counter() - start))
+            except TailorError as e:
+                logger.info("candidate %s failed: %s", assignment, e)
+                out.append(Evaluation(None, str(e), time.perf_counter() - start))
+        return out
+
+
+@dataclass
+class CompressResult:
+    """What `compress` produced: the plan, the model, and where they were written."""
+
+    plan: Plan
+    model: Model
+    search: SearchResult
+    baseline: dict[str, Any]
+    result: dict[str, Any]
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def _search_key(
+    model_bytes: bytes, target: str, demands: Demands, units: Sequence[Unit], extra: str
+) -> str:
+    text = json.dumps(
+        {
+            "model": model_digest(model_bytes),
+            "target": target,
+            "demands": demands.as_dict(),
+            "space": [[u.name, [o.label for o in u.options]] for u in units],
+            "extra": extra,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _evaluators(
+    reference: Model,
+    calibration: Mapping[str, np.ndarray],
+    labels: tuple[np.ndarray, np.ndarray] | None,
+    evaluator: Evaluator | None,
+    seed: int,
+) -> tuple[Evaluator, Evaluator, dict[str, np.ndarray], str]:
+    """(search evaluator, held-out evaluator, calibration for the passes, what they are)."""
+    if evaluator is not None:
+        return evaluator, evaluator, dict(calibration), f"{evaluator.name} (the user's evaluator)"
+    if labels is not None:
+        x, y = labels
+        search_idx, held_idx = split_samples((x,), 0.5, seed)
+        return (
+            TopOneAccuracy(x[search_idx], y[search_idx]),
+            TopOneAccuracy(x[held_idx], y[held_idx]),
+            dict(calibration),
+            f"top-1 accuracy: searched on {len(search_idx)} labelled samples, "
+            f"verified on the other {len(held_idx)}",
+        )
+    # No labels: fidelity to the original model, on calibration samples the passes never see.
+    arrays = dict(calibration)
+    if len(arrays) != 1:
+        raise TailorError(
+            "without --labels or --eval, fidelity needs a one-input model; pass --labels FILE.npz"
+        )
+    ((name, x),) = arrays.items()
+    if len(x) < 8:
+        raise TailorError(f"calibration data hold {len(x)} samples; fidelity needs at least 8")
+    fit_idx, eval_idx = split_samples((x,), 0.5, seed)
+    search_idx, held_idx = eval_idx[: len(eval_idx) // 2], eval_idx[len(eval_idx) // 2 :]
+    return (
+        Fidelity(reference, x[search_idx]),
+        Fidelity(reference, x[held_idx]),
+        {name: x[fit_idx]},
+        f"fidelity (top-1 agreement with the original; no labels given): calibration split "
+        f"{len(fit_idx)} for the passes, {len(search_idx)} search, {len(held_idx)} held out",
+    )
+
+
+def compress(
+    source: str | os.PathLike | bytes | Model,
+    *,
+    calibration: Mapping[str, np.ndarray] | str | os.PathLike,
+    target: str = "host",
+    demands: Demands | None = None,
+    labels: tuple[np.ndarray, np.ndarray] | str | os.PathLike | None = None,
+    evaluator: Evaluator | str | None = None,
+    strategy: str = "greedy",
+    seed: int = 0,
+    max_evaluations: int | None = None,
+    max_seconds: float | None = None,
+    output_dir: str | os.PathLike | None = None,
+    space: SpaceConfig | None = None,
+    latency_source: str = "auto",
+    resume: bool = True,
+    progress: Callable[[str, int, int | None], None] | None = None,
+) -> CompressResult:
+    """Searches a per-layer plan for `source` on `target` under `demands`, applies it, and
+    (with `output_dir`) writes `model.onnx`, `plan.yaml` and `report.md` with its plots.
+
+    Args:
+        source: the model (path, bytes or Model).
+        calibration: input arrays for the data-driven passes (or a `.npz` path).
+        target: a target name or YAML file (`tailor targets`).
+        demands: budgets and weights (default: 1 point of accuracy, latency and storage).
+        labels: held-out inputs and labels (arrays or `FILE.npz[:X,Y]`): accuracy is
+            searched on half and verified on the other half. Without labels (and without
+            `evaluator`) the score is fidelity to the original model.
+        evaluator: a user's evaluator (or `module:function`), used for search and result.
+        strategy: `greedy`, `evolutionary` or `rl`.
+        seed: makes the search and every pass reproducible.
+        max_evaluations, max_seconds: the search budget.
+        output_dir: where to write the results (created); None: write nothing.
+        space: the options offered per layer.
+        latency_source: `auto`, `measured`, `learned` or `roofline` (see `tailor cost`).
+        resume: continue a killed search from `output_dir`'s state file.
+        progress: `(message, done, total)` callback.
+    """
+    from tailor.api import apply_plan, load, load_calibration, run_pipeline
+    from tailor.costing import cost_function
+    from tailor.evaluate import load_labels, load_user_evaluator
+    from tailor.report import write_report
+    from tailor.targets import get_target
+
+    demands = demands or Demands()
+    target_obj = get_target(target)
+    original = load(source)
+    model_bytes = (
+        original.to_bytes()
+        if not isinstance(source, (str, os.PathLike, bytes))
+        else (Path(source).read_bytes() if not isinstance(source, bytes) else source)
+    )
+    if not isinstance(calibration, Mapping):
+        calibration = load_calibration(calibration, original)
+    if isinstance(labels, (str, os.PathLike)):
+        labels = load_labels(labels)
+    if isinstance(evaluator, str):
+        evaluator = load_user_evaluator(evaluator)
+    out_dir = Path(output_dir) if output_dir is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    fused = run_pipeline(original, "fuse", check="basic").model
+    search_eval, held_eval, pass_data, eval_note = _evaluators(
+        fused, calibration, labels, evaluator, seed
+    )
+    costs = cost_function(target_obj, latency_source=latency_source)
+    units = build_space(fused, space)
+    if not units:
+        raise TailorError(
+            "the model has no layer tailor can compress (no Conv, Gemm or MatMul with constant weights)"
+        )
+    problem = ModelProblem(
+        fused, units, calibration=pass_data, evaluator=search_eval, costs=costs, seed=seed
+    )
+    if out_dir is not None and resume:
+        key = _search_key(
+            model_bytes, target_obj.name, demands, units, f"{strategy}/{seed}/{eval_note}"
+        )
+        wrapped = CachedProblem(problem, out_dir / "search-state.jsonl", key=key)
+    else:
+        wrapped = problem
+    start = time.perf_counter()
+    result = search(
+        wrapped,
+        demands,
+        strategy,
+        seed=seed,
+        budget=Budget(max_evaluations=max_evaluations, max_seconds=max_seconds),
+        progress=progress,
+    )
+    layers_plan = assignment_layers(fused, units, result.best)
+    plan = Plan(
+        layers=layers_plan,
+        target=target_obj.name,
+        model_sha256=model_digest(model_bytes),
+        model_name=Path(source).name if isinstance(source, (str, os.PathLike)) else "",
+        demands=demands.as_dict(),
+        strategy=strategy,
+        seed=seed,
+    )
+    applied = apply_plan(model_bytes, plan, calibration=pass_data, check="full")
+    final = applied.model
+    baseline = dict(problem.baseline)
+    baseline["accuracy_held_out"] = float(held_eval(fused))
+    measured = problem.measure(final)
+    measured["accuracy_held_out"] = float(held_eval(final))
+    check = dict(measured, accuracy=measured["accuracy_held_out"])
+    plan.unmet = demands.violations(check, baseline["accuracy_held_out"])
+    plan.metrics = {
+        "evaluation": eval_note,
+        "sources": costs.sources if hasattr(costs, "sources") else {},
+        "baseline": baseline,
+        "result": measured,
+        "search": {
+            "strategy": strategy,
+            "evaluations": result.evaluations,
+            "seconds": round(time.perf_counter() - start, 2),
+            "feasible_in_search": result.feasible,
+            "unmet_in_search": list(result.unmet),
+        },
+    }
+    out = CompressResult(plan, final, result, baseline, measured)
+    if out_dir is not None:
+        final.save(out_dir / "model.onnx")
+        out.files["model"] = out_dir / "model.onnx"
+        out.files["plan"] = plan.save(out_dir / "plan.yaml")
+        out.files.update(write_report(out, units, out_dir))
+    return out
