@@ -93,6 +93,14 @@ def _plot(points: list[dict[str, float]], chosen: dict, baseline: dict, path: Pa
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy (search part)")
         ax.grid(alpha=0.3)
+        # Candidates far below the budget would flatten the interesting part of the plot.
+        accs = [p["accuracy"] for p in points if p.get("accuracy") is not None]
+        if accs and baseline.get("accuracy") is not None:
+            low = max(min(accs), baseline["accuracy"] - 0.1)
+            hidden = sum(a < low for a in accs)
+            ax.set_ylim(low - 0.005, max(accs) + 0.005)
+            if hidden:
+                ax.set_title(f"{hidden} candidate(s) below {low:.3f} not shown", fontsize=7)
     axes[0][0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

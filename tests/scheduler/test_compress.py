@@ -1,0 +1,151 @@
+"""`tailor compress` end to end on the bundled example: plans meet budgets on held-out
+data, replay exactly, react to demands and targets the way a user expects, all three
+strategies run, and a stopped search resumes.
+
+Targets other than the host are used where plans are compared: their latency is the
+roofline prediction, deterministic, so the tests do not depend on this machine's load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tailor.api import apply_plan
+from tailor.cli import main
+from tailor.compress import compress
+from tailor.demands import Demands
+from tailor.ir import Model
+from tailor.plan import Plan
+from tailor.space import SpaceConfig
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples"
+MODEL = EXAMPLE / "digits_cnn.onnx"
+SMALL = SpaceConfig(prune_ratios=(0.5,), tucker_ranks=(0.5,), svd_ranks=(0.5,), compose=False)
+#: Only what shrinks the file, or only what computes less: a user's two extremes.
+STORAGE = SpaceConfig(prune_ratios=(), tucker_ranks=(), svd_ranks=(), quantize=False)
+COMPUTE = SpaceConfig(
+    prune_ratios=(0.5,), tucker_ranks=(0.5,), svd_ranks=(), storage=False, compose=False
+)
+
+
+@pytest.fixture(scope="module")
+def data():
+    with np.load(EXAMPLE / "digits.npz") as f:
+        return {"calib": f["calib_x"][:128], "labels": (f["test_x"], f["test_y"])}
+
+
+def run(data, tmp_path=None, **kw):
+    kw.setdefault("target", "rpi4")
+    kw.setdefault("max_evaluations", 24)
+    kw.setdefault("space", SMALL)
+    return compress(
+        MODEL,
+        calibration={"input": data["calib"]},
+        labels=data["labels"],
+        output_dir=tmp_path,
+        **kw,
+    )
+
+
+def passes_of(plan: Plan) -> set[str]:
+    return {s.name for lp in plan.layers for s in lp.steps}
+
+
+def test_greedy_plan_meets_the_budget_replays_and_reports(data, tmp_path):
+    result = run(data, tmp_path, demands=Demands.from_options(max_accuracy_drop="2%"))
+    plan = result.plan
+    assert plan.changed_layers(), "a 2-point budget leaves room to compress"
+    assert not plan.unmet
+    assert result.result["accuracy_held_out"] >= result.baseline["accuracy_held_out"] - 0.02
+    assert result.result["latency"] < result.baseline["latency"]
+    assert plan.metrics["sources"]["latency"] == "roofline"
+    for name in ("model.onnx", "plan.yaml", "report.md", "pareto.png", "search-state.jsonl"):
+        assert (tmp_path / name).is_file(), name
+    report = (tmp_path / "report.md").read_text()
+    assert "## Pareto front" in report and "| accuracy (held out) |" in report
+    # The plan file replays to the same model.
+    again = apply_plan(MODEL, tmp_path / "plan.yaml", calibration={"input": data["calib"]})
+    written = Model.load(tmp_path / "model.onnx")
+    assert [n.op for n in again.model.nodes] == [n.op for n in written.nodes]
+
+
+@pytest.mark.parametrize("strategy", ["evolutionary", "rl"])
+def test_other_strategies_find_feasible_plans(data, strategy):
+    result = run(data, strategy=strategy, seed=1, max_evaluations=20)
+    assert result.search.evaluations <= 21
+    assert result.plan.strategy == strategy
+    assert result.search.feasible
+    assert not result.plan.unmet or result.plan.unmet[0].startswith("accuracy")
+    if strategy == "evolutionary":  # seeded with the single-unit options: it finds some
+        assert result.plan.changed_layers()
+
+
+def test_demands_steer_the_plan(data):
+    # Both spaces are offered in full; the demands decide which part the plan uses.
+    full = SpaceConfig(prune_ratios=(0.5,), tucker_ranks=(0.5,), svd_ranks=(), compose=False)
+    storage = run(
+        data,
+        space=full,
+        max_evaluations=48,
+        demands=Demands.from_options(
+            max_accuracy_drop="1%", max_storage="40KB", weights="storage=1"
+        ),
+    )
+    assert storage.result["storage"] <= 40_000
+    assert passes_of(storage.plan) & {"quantize_weights", "cluster_weights"}
+    latency = run(
+        data,
+        space=full,
+        max_evaluations=48,
+        demands=Demands.from_options(max_accuracy_drop="1%", weights="latency=1"),
+    )
+    # Storage-only passes save no time: a latency objective picks what computes less.
+    assert passes_of(latency.plan) & {"prune_channels", "tucker2", "quantize"}
+    assert latency.result["latency"] < storage.result["latency"]
+    assert storage.plan.pipeline != latency.plan.pipeline
+
+
+def test_targets_with_different_cost_profiles_get_different_plans(data):
+    demands = Demands.from_options(max_accuracy_drop="1%", weights="latency=1")
+    cpu = run(data, target="rpi4", demands=demands, space=COMPUTE)
+    gpu = run(data, target="jetson-nano", demands=demands, space=COMPUTE)
+    assert cpu.plan.pipeline != gpu.plan.pipeline
+
+
+def test_unmeetable_budget_reports_the_closest_plan(data, tmp_path):
+    result = run(
+        data, tmp_path, demands=Demands.from_options(max_accuracy_drop="1%", max_latency="1us")
+    )
+    assert result.plan.unmet and "latency" in result.plan.unmet[0]
+    assert "Not met" in (tmp_path / "report.md").read_text()
+
+
+def test_a_stopped_search_resumes_to_the_same_plan(data, tmp_path):
+    whole = run(data, tmp_path / "a", max_evaluations=16)
+    run(data, tmp_path / "b", max_evaluations=6)
+    state = (tmp_path / "b" / "search-state.jsonl").read_text().splitlines()
+    assert len(state) == 7  # a header and six evaluations
+    resumed = run(data, tmp_path / "b", max_evaluations=16)
+    assert resumed.plan.pipeline == whole.plan.pipeline
+
+
+def test_cli_compress(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(
+        ["compress", str(MODEL), "-t", "rpi4", "--data", f"{EXAMPLE / 'digits.npz'}:calib_x",
+         "--labels", f"{EXAMPLE / 'digits.npz'}:test_x,test_y", "--max-evaluations", "8",
+         "-o", str(out), "-q"]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert f"report: {out / 'report.md'}" in printed and (out / "plan.yaml").is_file()
+    code = main(["compress", str(MODEL), "--data", "missing.npz", "-o", str(tmp_path / "x")])
+    assert code == 2 and "missing.npz" in capsys.readouterr().err
+    code = main(
+        ["compress", str(MODEL), "--data", f"{EXAMPLE / 'digits.npz'}:calib_x", "--max-latency",
+         "fast", "-o", str(tmp_path / "y")]
+    )  # fmt: skip
+    assert code == 2 and "--max-latency" in capsys.readouterr().err
