@@ -47,16 +47,31 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnxruntime as ort
+# One BLAS/LAPACK thread unless the user chose otherwise. OpenBLAS (numpy's SVD and
+# eigh, scipy's lstsq and Cholesky in the passes) starts one thread per core and its
+# threads busy-wait for each other; on this 2-core machine they compete with
+# onnxruntime's intra-op threads (the calibration captures and the latency runs) and
+# with other processes, and a factorization then runs many times slower than on one
+# thread. The variables are read once, when the BLAS library loads, so they must be set
+# before numpy (or anything importing it) is imported.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-from benchmarks import models as bench_models
-from benchmarks.models import RESULTS_DIR, machine_info, ort_accuracy, write_json_atomic
-from tailor import __version__ as tailor_version
-from tailor.api import load, run_pipeline
-from tailor.ir.layers import summarize
-from tailor.ir.model import Model
-from tailor.passes import available_passes, parse_pipeline
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+from benchmarks import models as bench_models  # noqa: E402
+from benchmarks.models import (  # noqa: E402
+    RESULTS_DIR,
+    machine_info,
+    ort_accuracy,
+    write_json_atomic,
+)
+from tailor import __version__ as tailor_version  # noqa: E402
+from tailor.api import load, run_pipeline  # noqa: E402
+from tailor.ir.layers import summarize  # noqa: E402
+from tailor.ir.model import Model  # noqa: E402
+from tailor.passes import available_passes, parse_pipeline  # noqa: E402
 
 __all__ = [
     "Setting",

@@ -19,16 +19,9 @@ import numpy as np
 
 from tailor.ir.layers import layer_weight
 from tailor.ir.model import Model, Node
-from tailor.passes._lowrank import (
-    BIAS_CORRECTION,
-    FORCE,
-    Factor,
-    Factorization,
-    LowRankPass,
-    chain_params,
-    resolve_rank,
-    weight_rel_error,
-)
+from tailor.passes._lowrank import BIAS_CORRECTION, FORCE, LowRankPass
+from tailor.passes._lowrank_chain import Factor, Factorization, chain_params
+from tailor.passes._lowrank_math import resolve_rank, weight_rel_error
 from tailor.passes.base import Param
 from tailor.passes.registry import register
 
@@ -44,8 +37,9 @@ class DepthwiseSeparable(LowRankPass):
     `rank` is the depthwise channel multiplier r, a fraction of min(Cout, k*k) or an
     integer; each input channel's filters are fitted by SVD, and at r = min(Cout, k*k)
     the pair is exact. Only ordinary convolutions (group=1) with a kernel larger than 1
-    apply; layers where the pair would not be smaller (r at or above Cout k² / (Cout + k²))
-    are skipped (noted) unless `force`. The depthwise Conv keeps the strides, pads and
+    apply, and only when the pair costs under 0.9x the layer's parameters and MACs (r
+    below about 0.9x the break-even Cout k² / (Cout + k²)); others are skipped (noted)
+    unless `force`. The depthwise Conv keeps the strides, pads and
     dilations; the 1x1 Conv takes the bias. Biases are corrected on calibration data
     when present (`bias_correction`).
     """

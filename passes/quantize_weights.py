@@ -1,6 +1,6 @@
 """Stores layer weights as 8-bit or 4-bit integer codes: replaces each float weight
-initializer with codes and per-channel scales that a DequantizeLinear (or an equivalent
-Cast/Sub/Mul) turns back into float at run time.
+initializer with codes and per-channel scales that a Cast/Sub/Mul (or, on request, a
+DequantizeLinear) turns back into float.
 
 Weight-only quantization saves storage, not latency: the layer still computes in float
 on the decoded weight. Codes are `round(w / scale)` per output channel (or per tensor),
@@ -10,9 +10,17 @@ those `prune_weights` leaves, stay exactly zero).
 
 Encodings (docs/storage_formats.md):
 
-- 8 bits, float32 weights, opset >= 13 (or >= 10 per tensor): an int8 (uint8 when
-  asymmetric) initializer of the weight's shape into a standard DequantizeLinear.
-- 8 bits otherwise: the same codes through Cast, Sub (zero point) and Mul (scale).
+- 8 bits (`decode=arithmetic`, the default): an int8 (uint8 when asymmetric)
+  initializer of the weight's shape through Cast, Sub (zero point) and Mul (scale).
+  onnxruntime folds these into a float weight when the session is created, so the
+  model runs as fast as the float one (measured on three trained models: 0.99-1.04x of
+  the float latency, against 1.08-1.96x with DequantizeLinear;
+  `python -m benchmarks.quantize_weights_latency`).
+- 8 bits with `decode=dequantize_linear`, float32 weights, opset >= 13 (or >= 10 per
+  tensor): the same codes into a standard DequantizeLinear, the form integer-weight
+  kernels of other runtimes look for. onnxruntime does not constant-fold a
+  DequantizeLinear (it keeps them for its QDQ fusions unless the session sets
+  `session.disable_quant_qdq=1`), so it dequantizes every weight on every run.
 - 4 bits: two codes per byte in a uint8 initializer (see
   :func:`tailor.passes._storage.pack_codes`), unpacked with integer Div and Mod, then
   Cast, Sub, Mul. ONNX's own INT4 type needs opset 21, and onnx-graphsurgeon 0.6 cannot
@@ -40,6 +48,8 @@ from tailor.passes.registry import register
 __all__ = ["QuantizeWeights", "quantize_array"]
 
 logger = logging.getLogger(__name__)
+
+DECODES = ("arithmetic", "dequantize_linear")
 
 
 def quantize_array(
@@ -81,10 +91,12 @@ class QuantizeWeights(Pass):
 
     Each selected Conv, ConvTranspose, Gemm or MatMul weight becomes integer codes plus
     a float scale per output channel (`per_channel`) or per tensor, decoded by a
-    DequantizeLinear (8 bits, opset >= 13 or per tensor >= 10) or an equivalent
-    Cast/Sub/Mul chain; 4-bit codes are packed two per byte. The layer still computes in
-    float, so latency does not improve. A weight whose encoding would not be smaller, or
-    that a layer outside the selector also reads, is left alone (noted).
+    Cast/Sub/Mul chain that onnxruntime folds at load (so inference runs at float speed),
+    or with `decode=dequantize_linear` by a DequantizeLinear (8 bits, opset >= 13 or per
+    tensor >= 10), which onnxruntime runs on every inference (1.1-2x slower here);
+    4-bit codes are packed two per byte. The layer still computes in float, so latency
+    does not improve. A weight whose encoding would not be smaller, or that a layer
+    outside the selector also reads, is left alone (noted).
     """
 
     name = "quantize_weights"
@@ -92,6 +104,13 @@ class QuantizeWeights(Pass):
         Param("bits", "int", 8, "bits per weight code: 8 or 4", low=4, high=8, search=(8, 4)),
         Param("per_channel", "bool", True, "one scale per output channel (else per tensor)"),
         Param("symmetric", "bool", True, "zero point 0 (else an asymmetric range with one)"),
+        Param(
+            "decode",
+            "choice",
+            "arithmetic",
+            "how 8-bit codes are decoded: arithmetic (Cast/Sub/Mul) or dequantize_linear",
+            choices=DECODES,
+        ),
     )
 
     def __init__(self, **kwargs):
@@ -112,7 +131,12 @@ class QuantizeWeights(Pass):
         codes, scale, zero = quantize_array(w, bits, axis, symmetric)
         channels = scale.size
         opset = dec.model.opset
-        use_dq = bits == 8 and w.dtype == np.float32 and opset >= (13 if per_channel else 10)
+        use_dq = (
+            self.config["decode"] == "dequantize_linear"
+            and bits == 8
+            and w.dtype == np.float32
+            and opset >= (13 if per_channel else 10)
+        )
         code_bytes = codes.size if bits == 8 else (codes.size + 1) // 2
         zero_bytes = 0 if symmetric and bits == 8 else channels * (1 if use_dq else w.itemsize)
         planned = code_bytes + channels * (4 if use_dq else w.itemsize) + zero_bytes

@@ -18,17 +18,9 @@ import numpy as np
 
 from tailor.ir.layers import layer_weight
 from tailor.ir.model import Model, Node
-from tailor.passes._lowrank import (
-    BIAS_CORRECTION,
-    FORCE,
-    Factor,
-    Factorization,
-    LowRankPass,
-    chain_params,
-    resolve_rank,
-    truncated_svd,
-    weight_rel_error,
-)
+from tailor.passes._lowrank import BIAS_CORRECTION, FORCE, LowRankPass
+from tailor.passes._lowrank_chain import Factor, Factorization, chain_params
+from tailor.passes._lowrank_math import resolve_rank, truncated_svd, weight_rel_error
 from tailor.passes.base import Param
 from tailor.passes.registry import register
 
@@ -67,8 +59,10 @@ class SpatialSVD(LowRankPass):
 
     `rank` is the number of intermediate channels: a fraction of the full (exact) rank
     min(Cin * kh, Cout * kw) or an integer. Only ordinary 2-D convolutions (group=1) with
-    kh > 1 and kw > 1 apply; layers where the pair would not be smaller (rank at or above
-    Cin Cout kh kw / (Cin kh + Cout kw)) are skipped (noted) unless `force`. Biases are
+    kh > 1 and kw > 1 apply, and only when the pair costs under 0.9x the layer's
+    parameters and MACs (a rank below about 0.9x the break-even
+    Cin Cout kh kw / (Cin kh + Cout kw); the vertical factor runs at the input's width);
+    others are skipped (noted) unless `force`. Biases are
     corrected on calibration data when present (`bias_correction`).
     """
 

@@ -5,7 +5,7 @@ A weight `W` (in x out) of rank r costs `r (in + out)` parameters as two factors
 of `in * out`; below the break-even rank `in * out / (in + out)` the model shrinks. The
 data-aware variant minimises the error of the layer's output on the calibration inputs
 (`||X W - X A B||`) rather than of the weight, through the Cholesky factor of `XᵀX`
-(see :func:`tailor.passes._lowrank.whitened_factors`).
+(see :func:`tailor.passes._lowrank_math.whitened_factors`).
 
 Gemm becomes Gemm -> Gemm (alpha folded into the first factor, C and beta kept on the
 second, transB kept on both); before opset 11, where Gemm's C is mandatory, the first
@@ -24,17 +24,11 @@ import numpy as np
 
 from tailor.ir.layers import layer_weight
 from tailor.ir.model import Model, Node
-from tailor.passes._lowrank import (
-    BIAS_CORRECTION,
-    FORCE,
-    MAX_GRAM_FEATURES,
-    Factor,
-    Factorization,
-    LowRankPass,
-    break_even_rank,
-    chain_params,
+from tailor.passes._lowrank import BIAS_CORRECTION, FORCE, LowRankPass
+from tailor.passes._lowrank_chain import Factor, Factorization, chain_params
+from tailor.passes._lowrank_data import MAX_GRAM_FEATURES, input_grams
+from tailor.passes._lowrank_math import (
     energy_rank,
-    input_grams,
     resolve_rank,
     truncated_svd,
     weight_rel_error,
@@ -67,8 +61,9 @@ class SVD(LowRankPass):
 
     `rank` is a fraction of min(in, out) or an integer rank; `energy` (when above 0)
     overrides it with the smallest rank holding that fraction of the squared singular
-    values. Layers whose rank is not below the break-even rank `in * out / (in + out)`
-    are skipped (noted) unless `force`. With `data_aware` and calibration data, the
+    values. A layer is factorized only when the two factors cost under 0.9x its
+    parameters and MACs (a rank below about 0.9x the break-even `in * out / (in + out)`);
+    others are skipped (noted) unless `force`. With `data_aware` and calibration data, the
     factors minimise the layer's output error on the captured inputs (whitened SVD, as
     in SVD-LLM), and `energy` counts the singular values of the whitened weight (output
     energy); without data the pass falls back to plain SVD and says so. Biases are
@@ -163,9 +158,6 @@ class SVD(LowRankPass):
                 extra = {"data_aware": False}
         energy = self.config["energy"]
         r = energy_rank(s, energy) if energy > 0 else resolve_rank(self.config["rank"], full)
-        even = break_even_rank(n_in, n_out)
-        if r >= even and not self.config["force"]:
-            return f"rank {r} >= break-even {even:.1f} (in {n_in}, out {n_out}): no saving"
         a, b = a_all[:, :r], b_all[:r]
         factors = self._factors(model, node, a, b, features_first)
         bias = 0

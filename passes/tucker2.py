@@ -25,18 +25,9 @@ import numpy as np
 from tailor.errors import ParameterError
 from tailor.ir.layers import layer_weight
 from tailor.ir.model import Model, Node
-from tailor.passes._lowrank import (
-    BIAS_CORRECTION,
-    FORCE,
-    Factor,
-    Factorization,
-    LowRankPass,
-    chain_params,
-    energy_rank,
-    evbmf_rank,
-    resolve_rank,
-    weight_rel_error,
-)
+from tailor.passes._lowrank import BIAS_CORRECTION, FORCE, LowRankPass
+from tailor.passes._lowrank_chain import Factor, Factorization, chain_params
+from tailor.passes._lowrank_math import energy_rank, evbmf_rank, resolve_rank, weight_rel_error
 from tailor.passes.base import Param
 from tailor.passes.registry import register
 
@@ -108,8 +99,10 @@ class Tucker2(LowRankPass):
     Ranks per mode: `rank` (a fraction of the channels or an integer, for both the input
     and the output mode), or `method=vbmf` (EVBMF on the mode unfoldings, Kim et al. 2016)
     or `method=energy` with an `energy` threshold (giving `energy` alone selects it).
-    Only ordinary convolutions (group=1) with a kernel larger than 1x1 apply; layers
-    where the chain would not be smaller are skipped (noted) unless `force`. The core
+    Only ordinary convolutions (group=1) with a kernel larger than 1x1 apply, and only
+    when the chain costs under 0.9x the layer's parameters and MACs (the first 1x1 runs
+    at the input's resolution, before a strided core); others are skipped (noted)
+    unless `force`. The core
     keeps the strides, pads and dilations; the last 1x1 takes the bias. Biases are
     corrected on calibration data when present (`bias_correction`).
     """

@@ -118,7 +118,7 @@ def test_with_data_reports_output_error_and_corrects_the_bias():
     [
         ("", "8,6,1,1", "1x1"),
         ("pads=[1,1,1,1], group=2", "8,3,3,3", "grouped"),
-        ("pads=[1,1,1,1]", "8,6,3,3", "not fewer"),  # r = 8 >= 8*9/17
+        ("pads=[1,1,1,1]", "8,6,3,3", "not below 0.9x"),  # r = 8 >= 8*9/17
     ],
 )
 def test_must_not_apply(attrs, wshape, reason):

