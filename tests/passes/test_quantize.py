@@ -15,7 +15,7 @@ from tailor.errors import ParameterError, PassError
 from tailor.ir import Model, compare, run_model
 from tailor.passes import PassContext
 from tailor.passes.quantize import Quantize
-from tests.helpers import assert_valid, make_model, op_types, run_passes
+from tests.helpers import ARCHITECTURE_NAMES, assert_valid, make_model, op_types, run_passes
 
 MODEL = """
 <ir_version: 8, opset_import: ["" : {opset}]>
@@ -209,20 +209,7 @@ def test_parameters():
         Quantize(calibration="kl")
 
 
-NAMES = (
-    "resnet18",
-    "resnet50",
-    "resnext",
-    "mobilenet_v2",
-    "mobilenet_v3",
-    "efficientnet_b0",
-    "densenet",
-    "shufflenet_v2",
-    "squeezenet",
-    "googlenet",
-    "vgg",
-    "depthwise_multiplier",
-)
+NAMES = ARCHITECTURE_NAMES
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -20,7 +20,14 @@ from tailor.ir.layers import summarize
 from tailor.passes import PassContext, PassManager
 from tailor.passes._lowrank_math import energy_rank, resolve_rank
 from tailor.passes.svd import SVD
-from tests.helpers import assert_equivalent, assert_valid, make_model, op_types, run_passes
+from tests.helpers import (
+    ARCHITECTURE_NAMES,
+    assert_equivalent,
+    assert_valid,
+    make_model,
+    op_types,
+    run_passes,
+)
 
 
 def svd(model: Model, data=None, **config):
@@ -373,20 +380,7 @@ def test_through_the_pass_manager_and_pipeline_text():
     assert PassManager.from_text(pm.to_text()).to_text() == pm.to_text()
 
 
-NAMES = (
-    "resnet18",
-    "resnet50",
-    "resnext",
-    "mobilenet_v2",
-    "mobilenet_v3",
-    "efficientnet_b0",
-    "densenet",
-    "shufflenet_v2",
-    "squeezenet",
-    "googlenet",
-    "vgg",
-    "depthwise_multiplier",
-)
+NAMES = ARCHITECTURE_NAMES
 
 
 @pytest.mark.parametrize("name", NAMES)

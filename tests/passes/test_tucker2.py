@@ -17,7 +17,14 @@ from tailor.ir import Model, run_model
 from tailor.passes import PassContext, PassManager
 from tailor.passes._lowrank_math import energy_rank, evbmf_rank
 from tailor.passes.tucker2 import Tucker2, tucker2_decompose, tucker2_reconstruct
-from tests.helpers import assert_equivalent, assert_valid, make_model, op_types, run_passes
+from tests.helpers import (
+    ARCHITECTURE_NAMES,
+    assert_equivalent,
+    assert_valid,
+    make_model,
+    op_types,
+    run_passes,
+)
 
 
 def tucker(model: Model, data=None, **config):
@@ -255,20 +262,7 @@ def test_through_the_pass_manager():
 
 
 # ---------------------------------------------------------------------- architectures
-NAMES = (
-    "resnet18",
-    "resnet50",
-    "resnext",
-    "mobilenet_v2",
-    "mobilenet_v3",
-    "efficientnet_b0",
-    "densenet",
-    "shufflenet_v2",
-    "squeezenet",
-    "googlenet",
-    "vgg",
-    "depthwise_multiplier",
-)
+NAMES = ARCHITECTURE_NAMES
 
 
 @pytest.mark.parametrize("name", NAMES)
