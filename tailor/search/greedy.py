@@ -1,0 +1,205 @@
+"""Greedy search by per-unit sensitivity (NetAdapt, Yang et al. ECCV 2018; AIMET's
+per-layer compression-ratio selection).
+
+1. Sensitivity: each option of each unit is evaluated alone (every other unit keeps),
+   in one batch. Its change from the baseline predicts what it does in any plan.
+2. Steps: from the current plan, a step moves one unit to a stronger option (higher
+   `strength`). Each step's effect on the plan is predicted additively from the
+   sensitivities. While a latency, energy, storage or peak-memory budget is unmet, steps
+   are ranked by how much of the unmet budgets they recover per point of accuracy lost;
+   once all are met, by how much they improve the objective per point of accuracy lost.
+   Steps predicted to break the accuracy budget wait.
+3. The best-ranked steps are evaluated for real on the whole plan (`workers` at a time);
+   the first that keeps the accuracy budget and improves the plan's score is taken, the
+   others that fail are rejected for good, until no step is left.
+4. Polish: ratio-greedy can paint itself into a corner (a cheap early step that a
+   better plan would not take). Moves of one or two units to any other option are
+   predicted the same way; the one with the best predicted score is evaluated (or, if
+   already seen, its real score used) and taken if it really improves the plan, until
+   no move is predicted to. Pairs are tried only while the space is small
+   (`pair_limit`).
+
+Every phase stops when the budget runs out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+
+from tailor.search.base import COST_METRICS, SearchContext
+
+__all__ = ["run"]
+
+logger = logging.getLogger(__name__)
+
+_TINY = 1e-6  # accuracy "lost" by a free step, so its ratio stays finite and ranks by gain
+
+
+def _predict(
+    current: Mapping[str, float],
+    base: Mapping[str, float],
+    alone_new: Mapping[str, float],
+    alone_old: Mapping[str, float] | None,
+) -> dict[str, float]:
+    """`current` with the unit's old option's change from the baseline swapped for the
+    new option's (additive model of sensitivities)."""
+    out = {}
+    for key, value in current.items():
+        if key not in base or key not in alone_new:
+            out[key] = value
+            continue
+        delta = alone_new[key] - base[key]
+        if alone_old is not None and key in alone_old:
+            delta -= alone_old[key] - base[key]
+        out[key] = value + delta
+    return out
+
+
+def run(ctx: SearchContext, seed: int = 0, *, polish: bool = True, pair_limit: int = 200) -> None:
+    """Runs the greedy search on `ctx` (deterministic; `seed` is unused).
+
+    Args:
+        ctx: the search context.
+        seed: unused (the search is deterministic).
+        polish: run the polish phase.
+        pair_limit: two-unit moves are polished only while the units have at most this
+            many non-keep options in all.
+    """
+    del seed
+    units, scorer = ctx.units, ctx.scorer
+    base = ctx.problem.baseline
+    floor = ctx.demands.accuracy_floor(scorer.base_accuracy)
+    if floor is not None and math.isnan(floor):
+        floor = None
+
+    def single(i: int, j: int) -> tuple[int, ...]:
+        return tuple(j if k == i else 0 for k in range(len(units)))
+
+    ctx.phase = "sensitivity"
+    singles = [single(i, j) for i, u in enumerate(units) for j in range(1, len(u.options))]
+    ctx.evaluate(singles)
+
+    def accuracy_ok(metrics: Mapping[str, float]) -> bool:
+        acc = metrics.get("accuracy")
+        return floor is None or acc is None or acc >= floor - 1e-12
+
+    rejected: set[tuple[int, int]] = set()
+    for i, u in enumerate(units):
+        for j in range(1, len(u.options)):
+            m = ctx.metrics(single(i, j))
+            # An option that fails, or breaks the accuracy budget on its own, will not
+            # do better in company.
+            if ctx.lookup(single(i, j)) is not None and (m is None or not accuracy_ok(m)):
+                rejected.add((i, j))
+
+    ctx.phase = "steps"
+    current = ctx.keep
+    while not ctx.exhausted:
+        cur_metrics = ctx.metrics(current)
+        assert cur_metrics is not None  # only evaluated, successful plans become current
+        cur_short = scorer.shortfalls(cur_metrics)
+        budget_mode = any(cur_short.get(k, 0.0) > 0 for k in COST_METRICS)
+        cur_objective = scorer.objective(cur_metrics, clip=False)
+        ranked: list[tuple[float, int, int]] = []
+        for i, u in enumerate(units):
+            old = u.options[current[i]].strength
+            alone_old = ctx.metrics(single(i, current[i])) if current[i] else None
+            for j in range(1, len(u.options)):
+                if (i, j) in rejected or u.options[j].strength <= old:
+                    continue
+                alone_new = ctx.metrics(single(i, j))
+                if alone_new is None:  # not measured (budget) or failed
+                    continue
+                pred = _predict(cur_metrics, base, alone_new, alone_old)
+                if not accuracy_ok(pred):
+                    continue
+                lost = max(cur_metrics.get("accuracy", 0.0) - pred.get("accuracy", 0.0), 0.0)
+                if budget_mode:
+                    short = scorer.shortfalls(pred)
+                    gain = sum(cur_short.get(k, 0.0) - short.get(k, 0.0) for k in COST_METRICS)
+                else:
+                    gain = cur_objective - scorer.objective(pred, clip=False)
+                if gain > 1e-12:
+                    ranked.append((-gain / (lost + _TINY), i, j))
+        if not ranked:
+            break
+        ranked.sort()
+        picks = [(i, j) for _, i, j in ranked[: ctx.workers]]
+        candidates = [tuple(j if k == i else c for k, c in enumerate(current)) for i, j in picks]
+        results = ctx.evaluate(candidates)
+        cur_score = ctx.score(current)  # the normaliser may have widened
+        taken = None
+        for (i, j), cand, ev in zip(picks, candidates, results, strict=True):
+            if ev is None:  # the budget ran out before this one
+                continue
+            if ev.metrics is not None and accuracy_ok(ev.metrics):
+                if taken is None and scorer.score(ev.metrics) < cur_score:
+                    taken = cand
+                    continue
+                if scorer.score(ev.metrics) < cur_score:
+                    continue  # good too, but one step at a time; it is ranked again
+            rejected.add((i, j))
+        if taken is not None:
+            logger.debug("greedy: took %s (score %.4f)", taken, ctx.score(taken))
+            current = taken
+    if polish:
+        ctx.phase = "polish"
+        _polish(ctx, current, single, pair_limit)
+
+
+def _polish(
+    ctx: SearchContext,
+    current: tuple[int, ...],
+    single: Callable[[int, int], tuple[int, ...]],
+    pair_limit: int,
+) -> None:
+    units, scorer, base = ctx.units, ctx.scorer, ctx.problem.baseline
+    n = len(units)
+    pairs = sum(len(u.options) - 1 for u in units) <= pair_limit
+    while not ctx.exhausted:
+        cur_metrics = ctx.metrics(current)
+        assert cur_metrics is not None
+        cur_score = scorer.score(cur_metrics, clip=False)
+
+        def moved(
+            metrics: dict[str, float], a: tuple[int, ...], i: int, j: int
+        ) -> tuple[dict[str, float], tuple[int, ...]] | None:
+            """(metrics, assignment) with unit i moved to option j, or None."""
+            alone_new = ctx.metrics(single(i, j)) if j else dict(base)
+            if alone_new is None:
+                return None
+            alone_old = ctx.metrics(single(i, a[i])) if a[i] else None
+            if a[i] and alone_old is None:
+                return None
+            return _predict(metrics, base, alone_new, alone_old), a[:i] + (j,) + a[i + 1 :]
+
+        best: tuple[float, tuple[int, ...]] | None = None
+        for i in range(n):
+            for j in range(len(units[i].options)):
+                if j == current[i] or (one := moved(cur_metrics, current, i, j)) is None:
+                    continue
+                found = [one]
+                if pairs:
+                    for k in range(i + 1, n):
+                        for m in range(len(units[k].options)):
+                            if m != current[k] and (two := moved(*one, k, m)) is not None:
+                                found.append(two)
+                for pred, a in found:
+                    seen = ctx.lookup(a)
+                    if seen is not None and seen.metrics is None:
+                        continue
+                    value = scorer.score(seen.metrics if seen else pred, clip=False)
+                    if value < cur_score - 1e-12 and (best is None or value < best[0]):
+                        best = (value, a)
+        if best is None:
+            return
+        target = best[1]
+        if ctx.lookup(target) is None:
+            ctx.evaluate([target])
+            if ctx.lookup(target) is None:  # the budget ran out
+                return
+        if ctx.score(target) < ctx.score(current):
+            logger.debug("greedy polish: took %s (score %.4f)", target, ctx.score(target))
+            current = target

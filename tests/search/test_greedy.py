@@ -1,0 +1,77 @@
+"""Greedy search: sensitivity first, then ratio-ranked steps checked for real, a polish;
+budgets met, close to the brute-force optimum, interactions caught."""
+
+from __future__ import annotations
+
+import pytest
+
+from tailor.demands import Demands
+from tailor.search.base import Budget, search
+from tests.search import Synthetic, brute_force, true_score
+
+
+def _latency_budget(p: Synthetic) -> Demands:
+    return Demands(
+        max_accuracy_drop=0.02,
+        max_latency_ms=0.6 * p.baseline["latency"],
+        weights={"accuracy": 0.5, "storage": 0.5},
+    )
+
+
+def test_sensitivity_of_every_single_option_comes_first():
+    p = Synthetic(5)
+    r = search(p, Demands(), "greedy")
+    singles = {tuple(j if k == i else 0 for k in range(5)) for i in range(5) for j in (1, 2, 3)}
+    assert {a for a, _ in r.history[:15]} == singles
+    assert p.calls[:15] == [a for a, _ in r.history[:15]]
+
+
+@pytest.mark.parametrize("seed", [0, 2, 3])
+@pytest.mark.parametrize("demands", ["default", "latency"])
+def test_greedy_meets_the_budget_near_the_optimum(seed, demands):
+    p = Synthetic(6, seed)
+    d = Demands(max_accuracy_drop=0.01) if demands == "default" else _latency_budget(p)
+    best, best_score = brute_force(p, d)
+    r = search(p, d, "greedy")
+    assert r.feasible and r.unmet == []
+    assert r.metrics["latency"] <= (d.max_latency_ms or float("inf"))
+    # Within 5 % of the optimum's objective, in a fraction of the 4096 plans.
+    assert true_score(p, d, r.metrics) <= best_score * 1.05 + 1e-9
+    assert r.evaluations < 60
+
+
+def test_steps_are_checked_for_real_so_an_interaction_is_caught():
+    # Pruning units 0 and 1 costs 1 point each alone but 4 together: the additive
+    # prediction (2 points) would pass a 3-point budget. Everything else costs 5 points.
+    p = Synthetic(3, 0)
+    p.loss[:, 1:] = 0.05
+    p.loss[:2, 1:3] = 0.01
+    p.interaction = 0.02
+    d = Demands(max_accuracy_drop=0.03, weights={"latency": 1.0})
+    r = search(p, d, "greedy")
+    tried = [a for a, _ in r.history]
+    assert any(a[0] in (1, 2) and a[1] in (1, 2) for a in tried)  # measured, then rejected
+    assert r.feasible and r.metrics["accuracy"] == pytest.approx(0.89)
+    assert sum(c != 0 for c in r.best) == 1 and r.best[2] == 0
+
+
+def test_greedy_stops_at_the_evaluation_budget():
+    p = Synthetic(6, 0)
+    r = search(p, _latency_budget(p), "greedy", budget=Budget(max_evaluations=10))
+    assert r.evaluations == 10 == len(p.calls)
+
+
+def test_without_budgets_greedy_stops_when_nothing_improves():
+    p = Synthetic(4, 1)
+    r = search(p, Demands(max_accuracy_drop=0.01), "greedy")
+    again = search(p, Demands(max_accuracy_drop=0.01), "greedy", budget=Budget(max_evaluations=500))
+    assert r.evaluations == again.evaluations < 500
+
+
+def test_workers_evaluate_several_steps_at_once():
+    p = Synthetic(6, 0)
+    d = _latency_budget(p)
+    one = search(p, d, "greedy")
+    three = search(Synthetic(6, 0), d, "greedy", workers=3)
+    assert three.feasible
+    assert true_score(p, d, three.metrics) <= true_score(p, d, one.metrics) * 1.05
