@@ -115,6 +115,17 @@ class _Progress:
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes that build candidates in parallel (timing stays one at a time).",
+)
+@click.option(
+    "--rpc", metavar="HOST:PORT", help="Measure candidates on boards behind this TVM RPC tracker."
+)
+@click.option("--key", metavar="NAME", help="The boards' key at the tracker (with --rpc).")
+@click.option(
     "--fresh", is_flag=True, help="Ignore the saved search state in OUTDIR and start over."
 )
 @click.option(
@@ -145,6 +156,9 @@ def compress_cmd(
     max_time: float | None,
     latency_source: str,
     seed: int,
+    workers: int,
+    rpc: str | None,
+    key: str | None,
     fresh: bool,
     output_dir: str,
     quiet: bool,
@@ -188,6 +202,9 @@ def compress_cmd(
             output_dir=output_dir,
             latency_source=latency_source,
             resume=not fresh,
+            workers=workers,
+            rpc=rpc,
+            key=key,
             progress=progress,
         )
     finally:

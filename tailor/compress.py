@@ -59,6 +59,7 @@ class ModelProblem:
         evaluator: Evaluator,
         costs: CostFn,
         seed: int = 0,
+        workers: int = 1,
     ):
         self.model = model
         self.units = list(units)
@@ -66,6 +67,8 @@ class ModelProblem:
         self.evaluator = evaluator
         self.costs = costs
         self.seed = seed
+        self.workers = max(int(workers), 1)
+        self._pool: Any = None
         self.measure(model)  # warms caches and the clock: the first timing runs slow
         self.baseline = self.measure(model)
 
@@ -94,6 +97,8 @@ class ModelProblem:
         return metrics
 
     def evaluate(self, assignments: list[tuple[int, ...]]) -> list[Evaluation]:
+        if self.workers > 1 and len(assignments) > 1:
+            return self._evaluate_parallel(assignments)
         out = []
         for assignment in assignments:
             start = time.perf_counter()
@@ -104,6 +109,75 @@ class ModelProblem:
                 logger.info("candidate %s failed: %s", assignment, e)
                 out.append(Evaluation(None, str(e), time.perf_counter() - start))
         return out
+
+    def _evaluate_parallel(self, assignments: list[tuple[int, ...]]) -> list[Evaluation]:
+        """Builds the candidates in worker processes; scores and times them here, one at
+        a time, so two timings never share the cores."""
+        import concurrent.futures as cf
+        import multiprocessing
+
+        if self._pool is None:
+            self._pool = cf.ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(self.model.to_bytes(), self.calibration, self.seed),
+            )
+        start = time.perf_counter()
+        futures = [
+            self._pool.submit(_worker_build, self.pipeline(a)) if any(a) else None
+            for a in assignments
+        ]
+        out = []
+        for assignment, future in zip(assignments, futures, strict=True):
+            try:
+                if future is None:
+                    model = self.model.copy()
+                else:
+                    data, error = future.result()
+                    if error is not None:
+                        raise TailorError(error)
+                    model = Model.load(data)
+                out.append(Evaluation(self.measure(model), None, time.perf_counter() - start))
+            except TailorError as e:
+                logger.info("candidate %s failed: %s", assignment, e)
+                out.append(Evaluation(None, str(e), time.perf_counter() - start))
+        return out
+
+    def close(self) -> None:
+        """Stops the worker processes (if any)."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(model_bytes: bytes, calibration: dict[str, np.ndarray], seed: int) -> None:
+    import os as _os
+
+    # Each worker is one of several processes on the machine: one BLAS thread each.
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        _os.environ.setdefault(name, "1")
+    _WORKER.update(model=Model.load(model_bytes), calibration=calibration, seed=seed)
+
+
+def _worker_build(pipeline: str) -> tuple[bytes | None, str | None]:
+    """Runs one candidate's pipeline in a worker; errors come back as text."""
+    from tailor.api import run_pipeline
+
+    try:
+        result = run_pipeline(
+            _WORKER["model"],
+            pipeline,
+            calibration=_WORKER["calibration"],
+            check="basic",
+            seed=_WORKER["seed"],
+        )
+        return result.model.to_bytes(), None
+    except TailorError as e:
+        return None, str(e)
 
 
 @dataclass
@@ -211,6 +285,9 @@ def compress(
     space: SpaceConfig | None = None,
     latency_source: str = "auto",
     resume: bool = True,
+    workers: int = 1,
+    rpc: str | None = None,
+    key: str | None = None,
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> CompressResult:
     """Searches a per-layer plan for `source` on `target` under `demands`, applies it, and
@@ -232,6 +309,10 @@ def compress(
         space: the options offered per layer.
         latency_source: `auto`, `measured`, `learned` or `roofline` (see `tailor cost`).
         resume: continue a killed search from `output_dir`'s state file.
+        workers: processes that build candidates in parallel (scoring and timing stay
+            in this process, one candidate at a time).
+        rpc, key: a TVM RPC tracker `HOST:PORT` and device key: every candidate's latency
+            is then measured on those boards (a TVM module compiled for `target`).
         progress: `(message, done, total)` callback.
     """
     from tailor.api import apply_plan, load, load_calibration, run_pipeline
@@ -262,14 +343,22 @@ def compress(
     search_eval, held_eval, pass_data, eval_note = _evaluators(
         fused, calibration, labels, evaluator, seed
     )
-    costs = cost_function(target_obj, latency_source=latency_source)
+    if bool(rpc) != bool(key):
+        raise TailorError("rpc (HOST:PORT) and key (the devices' name) go together")
+    costs = cost_function(target_obj, latency_source=latency_source, rpc=rpc, key=key)
     units = build_space(fused, space)
     if not units:
         raise TailorError(
             "the model has no layer tailor can compress (no Conv, Gemm or MatMul with constant weights)"
         )
     problem = ModelProblem(
-        fused, units, calibration=pass_data, evaluator=search_eval, costs=costs, seed=seed
+        fused,
+        units,
+        calibration=pass_data,
+        evaluator=search_eval,
+        costs=costs,
+        seed=seed,
+        workers=workers,
     )
     if out_dir is not None and resume:
         key = _search_key(
@@ -285,14 +374,18 @@ def compress(
             "for the sampling error of its samples"
         )
     start = time.perf_counter()
-    result = search(
-        wrapped,
-        searched,
-        strategy,
-        seed=seed,
-        budget=Budget(max_evaluations=max_evaluations, max_seconds=max_seconds),
-        progress=progress,
-    )
+    try:
+        result = search(
+            wrapped,
+            searched,
+            strategy,
+            seed=seed,
+            budget=Budget(max_evaluations=max_evaluations, max_seconds=max_seconds),
+            progress=progress,
+            workers=workers,
+        )
+    finally:
+        problem.close()
     layers_plan = assignment_layers(fused, units, result.best)
     plan = Plan(
         layers=layers_plan,

@@ -100,15 +100,36 @@ class CostFunction:
     with `sources` saying where each figure came from (after the first call)."""
 
     def __init__(
-        self, target: Target, *, latency_source: str = "auto", threads: int = 1, runs: int = 60
+        self,
+        target: Target,
+        *,
+        latency_source: str = "auto",
+        threads: int = 1,
+        runs: int = 60,
+        rpc: str | None = None,
+        key: str | None = None,
     ):
         self.target = target
+        self.rpc, self.key = rpc, key
         self.latency_source = latency_source
         self.threads = threads
         self.runs = runs
         self.sources: dict[str, str] = {}
 
     def _latency(self, model: Model) -> Estimate:
+        if self.rpc is not None:
+            # A device farm: each candidate is compiled for the target and timed on a
+            # board the tracker hands out.
+            _, estimate = estimate_latency(
+                model,
+                self.target,
+                source="measured",
+                runtime="tvm",
+                rpc=self.rpc,
+                key=self.key,
+                runs=self.runs,
+            )
+            return estimate
         native = self.target.device_type == "cpu" and self.target.is_native
         if self.latency_source in ("auto", "measured") and native:
             # Whole-model time only: the scheduler needs no per-kernel profile.
@@ -140,7 +161,15 @@ class CostFunction:
 
 
 def cost_function(
-    target: Target | str, *, latency_source: str = "auto", threads: int = 1
+    target: Target | str,
+    *,
+    latency_source: str = "auto",
+    threads: int = 1,
+    rpc: str | None = None,
+    key: str | None = None,
 ) -> CostFunction:
-    """The scheduler's cost function for `target` (see :class:`CostFunction`)."""
-    return CostFunction(get_target(target), latency_source=latency_source, threads=threads)
+    """The scheduler's cost function for `target` (see :class:`CostFunction`); with `rpc`
+    and `key`, latency is measured on the boards behind that TVM RPC tracker."""
+    return CostFunction(
+        get_target(target), latency_source=latency_source, threads=threads, rpc=rpc, key=key
+    )

@@ -149,3 +149,10 @@ def test_cli_compress(data, tmp_path, capsys):
          "fast", "-o", str(tmp_path / "y")]
     )  # fmt: skip
     assert code == 2 and "--max-latency" in capsys.readouterr().err
+
+
+def test_parallel_workers_give_the_same_plan(data):
+    one = run(data, max_evaluations=4, space=COMPUTE)
+    two = run(data, max_evaluations=4, space=COMPUTE, workers=2)
+    assert two.plan.pipeline == one.plan.pipeline
+    assert two.search.evaluations == one.search.evaluations
