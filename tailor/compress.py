@@ -408,6 +408,7 @@ def compress(
         "evaluation": eval_note,
         "sources": costs.sources if hasattr(costs, "sources") else {},
         "baseline": baseline,
+        "predicted": dict(result.metrics),
         "result": measured,
         "search": {
             "strategy": strategy,

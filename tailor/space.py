@@ -6,7 +6,7 @@ Two kinds of unit:
   with least-squares channel selection and re-fit. Coupled layers are decided together,
   because pruning one of them prunes all.
 - a **layer**: keep, a factorization that fits its shape (tucker2 for a k x k
-  convolution, svd for a fully connected layer), int8 quantization, a composition of the
+  convolution, and spatial_svd (k x 1 then 1 x k); svd for a fully connected layer), int8 quantization, a composition of the
   two (factorize then quantize), or a storage pass (4-bit weights, a 16-entry codebook).
 
 An option's payload maps each layer it touches to the ordered :class:`~tailor.plan.Step`
@@ -55,6 +55,7 @@ class SpaceConfig:
 
     prune_ratios: tuple[float, ...] = (0.25, 0.5)
     tucker_ranks: tuple[float, ...] = (0.5, 0.25)
+    spatial_ranks: tuple[float, ...] = (0.5,)
     svd_ranks: tuple[float, ...] = (0.5, 0.25)
     quantize: bool = True
     storage: bool = True
@@ -103,6 +104,8 @@ def _layer_options(layer: Layer, config: SpaceConfig, total_macs: int) -> list[O
         if min(layer.in_channels, layer.out_channels) >= 8:
             for r in config.tucker_ranks:
                 factor.append((f"tucker2(rank={r})", 1.0 - r, Step.of("tucker2", rank=r)))
+            for r in config.spatial_ranks:
+                factor.append((f"spatial_svd(rank={r})", 1.0 - r, Step.of("spatial_svd", rank=r)))
     if big and layer.op in ("Gemm", "MatMul") and min(layer.in_channels, layer.out_channels) >= 16:
         for r in config.svd_ranks:
             factor.append((f"svd(rank={r})", 1.0 - r, Step.of("svd", rank=r)))
@@ -145,6 +148,8 @@ def build_space(model: Model, config: SpaceConfig | None = None) -> list[Unit]:
             continue
         groups.append((min(order[p] for p in producers), g, producers))
     for first, g, producers in sorted(groups, key=lambda item: item[0]):
+        if not config.prune_ratios:
+            break
         options = [_option("keep", 0.0, {})]
         for r in config.prune_ratios:
             step = Step.of("prune_channels", ratio=r, criterion="refit")

@@ -23,9 +23,13 @@ from tailor.space import SpaceConfig
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples"
 MODEL = EXAMPLE / "digits_cnn.onnx"
-SMALL = SpaceConfig(prune_ratios=(0.5,), tucker_ranks=(0.5,), svd_ranks=(0.5,), compose=False)
+SMALL = SpaceConfig(
+    prune_ratios=(0.5,), tucker_ranks=(0.5,), spatial_ranks=(), svd_ranks=(0.5,), compose=False
+)
 #: Only what shrinks the file, or only what computes less: a user's two extremes.
-STORAGE = SpaceConfig(prune_ratios=(), tucker_ranks=(), svd_ranks=(), quantize=False)
+STORAGE = SpaceConfig(
+    prune_ratios=(), tucker_ranks=(), spatial_ranks=(), svd_ranks=(), quantize=False
+)
 COMPUTE = SpaceConfig(
     prune_ratios=(0.5,), tucker_ranks=(0.5,), svd_ranks=(), storage=False, compose=False
 )
@@ -85,7 +89,9 @@ def test_other_strategies_find_feasible_plans(data, strategy):
 
 def test_demands_steer_the_plan(data):
     # Both spaces are offered in full; the demands decide which part the plan uses.
-    full = SpaceConfig(prune_ratios=(0.5,), tucker_ranks=(0.5,), svd_ranks=(), compose=False)
+    full = SpaceConfig(
+        prune_ratios=(0.5,), tucker_ranks=(0.5,), spatial_ranks=(), svd_ranks=(), compose=False
+    )
     storage = run(
         data,
         space=full,

@@ -1,0 +1,80 @@
+"""The candidate space: coupled channel groups decided together, options that fit each
+layer's shape, and assignments merged into per-layer plans."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tailor.api import run_pipeline
+from tailor.ir import Model
+from tailor.plan import pipeline_text
+from tailor.space import FEATURES, SpaceConfig, assignment_layers, build_space
+
+MODEL = Path(__file__).resolve().parents[2] / "examples" / "digits_cnn.onnx"
+
+
+def fused(path) -> Model:
+    return run_pipeline(path, "fuse").model
+
+
+def test_units_of_the_example():
+    model = fused(MODEL)
+    units = build_space(model)
+    groups = [u for u in units if u.name.startswith("group")]
+    layers = {u.name: u for u in units if not u.name.startswith("group")}
+    # The residual block couples /down and /res/conv2: one unit decides both.
+    trunk = next(u for u in groups if "/down/down.0/Conv" in u.name)
+    assert "/res/conv2/conv2.0/Conv" in trunk.name
+    assert set(trunk.options[1].payload) == {"/down/down.0/Conv", "/res/conv2/conv2.0/Conv"}
+    labels = [o.label for o in layers["/res/conv1/conv1.0/Conv"].options]
+    assert (
+        labels[0] == "keep" and "tucker2(rank=0.5)" in labels and "spatial_svd(rank=0.5)" in labels
+    )
+    assert "tucker2(rank=0.5)+int8" in labels and "quantize(int8)" in labels
+    # A depthwise conv or a tiny layer only gets int8 and storage options.
+    dw = [o.label for o in layers["/dw/dw.0/Conv"].options]
+    assert not any(label.startswith(("tucker2", "spatial_svd", "svd")) for label in dw)
+    assert all(len(u.features) == len(FEATURES) for u in units)
+    assert all(u.options[0].label == "keep" and u.options[0].payload == {} for u in units)
+
+
+def test_assignment_merges_group_and_layer_choices():
+    model = fused(MODEL)
+    units = build_space(model, SpaceConfig(storage=False))
+    choice = [0] * len(units)
+    trunk = next(i for i, u in enumerate(units) if "/down/down.0/Conv" in u.name)
+    conv2 = next(i for i, u in enumerate(units) if u.name == "/res/conv2/conv2.0/Conv")
+    choice[trunk] = 1
+    choice[conv2] = [o.label for o in units[conv2].options].index("tucker2(rank=0.5)+int8")
+    plans = {lp.layer: lp for lp in assignment_layers(model, units, choice)}
+    assert [s.name for s in plans["/res/conv2/conv2.0/Conv"].steps] == [
+        "prune_channels",
+        "tucker2",
+        "quantize",
+    ]
+    assert [s.name for s in plans["/down/down.0/Conv"].steps] == ["prune_channels"]
+    text = pipeline_text(list(plans.values()))
+    assert text.index("prune_channels") < text.index("tucker2") < text.index("quantize")
+
+
+def test_a_config_without_options_leaves_no_units():
+    model = fused(MODEL)
+    nothing = SpaceConfig(
+        prune_ratios=(),
+        tucker_ranks=(),
+        spatial_ranks=(),
+        svd_ranks=(),
+        quantize=False,
+        storage=False,
+    )
+    assert build_space(model, nothing) == []
+
+
+def test_real_architecture_groups(arch_path):
+    model = fused(arch_path("resnet18"))
+    units = build_space(model, SpaceConfig(storage=False, quantize=False))
+    groups = [u for u in units if u.name.startswith("group")]
+    # Every residual stage is one coupled group with several producers.
+    assert any(len(u.options[1].payload) >= 3 for u in groups)
+    producers = [layer for u in groups for layer in u.options[1].payload]
+    assert len(producers) == len(set(producers)), "a layer is in one group only"
