@@ -19,7 +19,10 @@ per-layer compression-ratio selection).
    no move is predicted to. Pairs are tried only while the space is small
    (`pair_limit`).
 
-Every phase stops when the budget runs out.
+Between sensitivity and steps, the uniform plans (one option on every unit that offers
+it) are evaluated and the best one within the accuracy budget, if it scores better than
+keeping everything, is where the steps start. Every phase stops when the budget runs
+out.
 """
 
 from __future__ import annotations
@@ -94,8 +97,29 @@ def run(ctx: SearchContext, seed: int = 0, *, polish: bool = True, pair_limit: i
             if ctx.lookup(single(i, j)) is not None and (m is None or not accuracy_ok(m)):
                 rejected.add((i, j))
 
-    ctx.phase = "steps"
+    # Uniform plans (one option everywhere it exists) as starting points: the per-layer
+    # search then starts from the best single technique instead of from nothing, so it
+    # ends at least as good as every uniform plan it could evaluate.
+    ctx.phase = "uniform"
     current = ctx.keep
+    labels: dict[str, list[int]] = {}
+    for i, u in enumerate(units):
+        for j in range(1, len(u.options)):
+            labels.setdefault(u.options[j].label, []).append(i)
+    uniform = []
+    for label, members in labels.items():
+        if len(members) < 2:
+            continue
+        choice = [0] * len(units)
+        for i in members:
+            choice[i] = next(j for j, o in enumerate(units[i].options) if o.label == label)
+        uniform.append(tuple(choice))
+    for cand, ev in zip(uniform, ctx.evaluate(uniform), strict=True):
+        if ev is not None and ev.metrics is not None and accuracy_ok(ev.metrics):
+            if ctx.score(cand) < ctx.score(current):
+                current = cand
+
+    ctx.phase = "steps"
     while not ctx.exhausted:
         cur_metrics = ctx.metrics(current)
         assert cur_metrics is not None  # only evaluated, successful plans become current
