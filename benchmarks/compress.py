@@ -250,6 +250,7 @@ def _search_info(result: CompressResult, wall: float, budget: dict[str, Any]) ->
                          and search.evaluations >= budget["max_evaluations"]) or (
         limit is not None and search.seconds >= 0.97 * limit)  # fmt: skip
     return {
+        "budget": budget,
         "compress_wall_seconds": round(wall, 1),
         "search_seconds": round(search.seconds, 1),
         "evaluations": search.evaluations,
@@ -266,12 +267,34 @@ def _search_info(result: CompressResult, wall: float, budget: dict[str, Any]) ->
     }
 
 
+def _git_commit() -> str:
+    """The checkout's commit, `+dirty` with uncommitted changes: tailor changes fast, and
+    a number is only comparable with numbers from the same code."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
 def _space_info(model_path: Path) -> dict[str, Any]:
     fused = run_pipeline(model_path, "fuse", check="basic").model
     fused.infer_shapes()
     units = build_space(fused)
     figures = model_macs(fused)
     return {
+        "git_commit": _git_commit(),
         "macs": figures["macs"].value,
         "params": figures["params"].value,
         "units": len(units),
@@ -279,8 +302,9 @@ def _space_info(model_path: Path) -> dict[str, Any]:
     }
 
 
-def run_trained(name: str, args: argparse.Namespace, demands: Demands) -> dict[str, Any]:
-    """Compresses one trained model and measures every comparison row."""
+def run_trained(name: str, args: argparse.Namespace, demands: Demands, key: str) -> dict[str, Any]:
+    """Compresses one trained model and measures every comparison row; results go under
+    `key` (the name, or `name@suffix` for a run with other settings)."""
     cached = bench_models.ensure_model(name, cache=args.cache_dir)
     data = cached.load_data()
     search_idx, report_idx = split_samples((data["test_y"],), 0.5, SPLIT_SEED)
@@ -291,7 +315,7 @@ def run_trained(name: str, args: argparse.Namespace, demands: Demands) -> dict[s
             "search_samples": len(search_idx), "report_samples": len(report_idx),
             **_space_info(cached.onnx_path)}  # fmt: skip
     budget = {"max_evaluations": args.max_evaluations, "max_seconds": args.max_seconds}
-    print(f"[{name}] compress: {info['units']} units, {info['options']} options, {budget}")
+    print(f"[{key}] compress: {info['units']} units, {info['options']} options, {budget}")
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix=f"tailor-compress-{name}-") as tmp:
         start = time.perf_counter()
@@ -305,11 +329,11 @@ def run_trained(name: str, args: argparse.Namespace, demands: Demands) -> dict[s
             seed=args.seed,
             output_dir=tmp,
             resume=False,
-            progress=_progress(name),
+            progress=_progress(key),
             **budget,
         )
         wall = time.perf_counter() - start
-        info["files"] = _keep_plan_files(Path(tmp), args.results_dir, name)
+        info["files"] = _keep_plan_files(Path(tmp), args.results_dir, key)
     info["search"] = _search_info(result, wall, budget) | {
         "load_average_before": [round(x, 2) for x in load_start],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
@@ -339,7 +363,7 @@ def run_trained(name: str, args: argparse.Namespace, demands: Demands) -> dict[s
         if row["row"] in stats:
             row["latency_ms"] = stats[row["row"]]
             row["energy_mj"] = _energy(stats[row["row"]]["median"])
-    rows = [dict(row, model=name) for row, _ in built]
+    rows = [dict(row, model=key) for row, _ in built]
     score_rows(rows, demands)
     for r in rows:
         if r.get("status") == "ok":
@@ -462,6 +486,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-threads", type=int, default=1)
     parser.add_argument("--eval-threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="smoke run: 24 evaluations, 60 s")
+    parser.add_argument(
+        "--suffix",
+        default="",
+        help="keep the trained models' results as NAME@SUFFIX (a run with other settings, "
+        "e.g. a larger budget), beside the default run's",
+    )
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -480,20 +510,26 @@ def main(argv: list[str] | None = None) -> None:
     json_path = args.results_dir / "compress.json"
     previous = json.loads(json_path.read_text()) if json_path.is_file() else {}
     models = dict(previous.get("models", {}))
-    rows = [r for r in previous.get("rows", []) if r["model"] not in names]
+    keys = [n if n in _R18 or not args.suffix else f"{n}@{args.suffix}" for n in names]
+    rows = [r for r in previous.get("rows", []) if r["model"] not in keys]
     date = datetime.now(UTC).isoformat(timespec="seconds")
     load_avg = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    for name in names:
+    order = [*bench_models.SPECS, *_R18]
+
+    def rank(model: str) -> tuple[int, str]:
+        base = model.split("@")[0]
+        return (order.index(base) if base in order else len(order), model)
+
+    for name, key in zip(names, keys, strict=True):
         try:
             done = run_resnet18(args, demands, name) if name in _R18 else run_trained(
-                name, args, demands)  # fmt: skip
+                name, args, demands, key)  # fmt: skip
         except Exception as e:  # a failing compress is a result to report, not a crash
             traceback.print_exc()
             done = {"info": {"error": _first_line(e), "traceback": traceback.format_exc()},
                     "rows": []}  # fmt: skip
-        models[name] = done["info"] | {"date": date, "quick": args.quick}
+        models[key] = done["info"] | {"date": date, "quick": args.quick}
         rows += done["rows"]
-        order = [*bench_models.SPECS, *_R18]
         payload = {
             "meta": {
                 "date": date,
@@ -511,9 +547,9 @@ def main(argv: list[str] | None = None) -> None:
                     k: getattr(get_target("host"), k) for k in ("power_active_w", "power_idle_w")
                 },  # fmt: skip
             },
-            "model_order": [m for m in order if m in models],
+            "model_order": sorted(models, key=rank),
             "models": models,
-            "rows": sorted(rows, key=lambda r: order.index(r["model"])),
+            "rows": sorted(rows, key=lambda r: rank(r["model"])),
         }
         # Written after every model, so a long run that dies keeps what it measured.
         write_json_atomic(json_path, payload)

@@ -125,6 +125,8 @@ TRAIN_SETTINGS = (
     "fuse,quantize(mode=dynamic)",
     "fuse,prune_channels(ratio=0.4),quantize(mode=int8)",
     "fuse,prune_channels(ratio=0.2),quantize(mode=int8,activation_type=uint8)",
+    "fuse,prune_channels(ratio=0.6,round_to=8),quantize(mode=int8,activation_type=uint8)",
+    "fuse,tucker2(rank=0.25),quantize(mode=int8)",
 )
 #: Hyper-parameters never used in training.
 HELD_SETTINGS = (
@@ -477,14 +479,12 @@ def _profiles(
     return out
 
 
-def _samples(
-    profiles: dict[str, tuple[KernelProfile, float]], per_node_us: float
-) -> dict[str, LatencySample]:
-    """One sample per measured variant, the profiler's per-node cost taken out."""
+def _samples(profiles: dict[str, tuple[KernelProfile, float]]) -> dict[str, LatencySample]:
+    """One sample per measured variant, the profiler's per-node cost taken out so that
+    its kernels add up to its whole-model time (cross-validation on the training variants
+    preferred this to one per-node cost fitted over all of them)."""
     return {
-        name: LatencySample(
-            name, p.kernels, corrected(p, total_us, per_node_us=per_node_us), total_us / 1e3
-        )
+        name: LatencySample(name, p.kernels, corrected(p, total_us), total_us / 1e3)
         for name, (p, total_us) in profiles.items()
     }
 
@@ -600,8 +600,8 @@ def render_markdown(payload: dict[str, Any]) -> str:
         "all its runs, because the machine is shared (see repeatability below: medians of "
         "two passes disagree). Per-kernel training targets: onnxruntime's profiler, "
         f"{meta['profile_rounds']} interleaved rounds of 8 runs, means over the fastest quarter "
-        "of the runs, minus the profiler's per-node overhead (so kernels add up to the whole "
-        "model). Held-out variants are never used in training: *unseen setting* = "
+        "of the runs, minus the profiler's own cost per onnxruntime node (so kernels add up "
+        "to the whole model). Held-out variants are never used in training: *unseen setting* = "
         "hyper-parameters no training variant uses, on a training architecture; *unseen "
         f"architecture* = every variant of {', '.join(HELD_ARCHS)}.",
         "",
@@ -635,9 +635,12 @@ def render_markdown(payload: dict[str, Any]) -> str:
             )
     out += [
         "",
-        "learned: `LatencyPredictor` (XGBoost over kernel features, log-space per-kernel "
-        "times, whole model = scale x sum + per-model overhead); roofline: the host target's "
-        "peak figures; macs-linear: `ms = a * MACs + b` fitted on the training variants.",
+        "learned: `LatencyPredictor`: XGBoost over kernel features (op, shapes, MACs, bytes, "
+        "channels, what is fused, and what onnxruntime's optimizer makes of the kernel), "
+        "log-space per-kernel times as a correction to an analytic prior, more trees fitted "
+        "to whole-model times, whole model = scale x sum + per-model overhead (fitted on "
+        "out-of-fold predictions, folds by setting); roofline: the host target's peak "
+        "figures; macs-linear: `ms = a * MACs + b` fitted on the training variants.",
         "",
         f"Predictor: {fit['kernels']} kernels of {fit['samples']} training variants; scale "
         f"{fit['scale']:.4f}, per-model overhead {fit['overhead_us']:.1f} us; out-of-fold RMSPE "
@@ -787,13 +790,15 @@ def main(argv: list[str] | None = None) -> None:
     per_node_us = profiler_overhead(
         [profiles[n][0] for n in train_names], [profiles[n][1] for n in train_names]
     )
-    samples = _samples(profiles, per_node_us)
+    samples = _samples(profiles)
     train = [samples[n] for n in train_names]
     import xgboost
 
     host = get_target("host")
+    setting_of = {v.name: v.setting for v in variants}
     predictor = LatencyPredictor.fit(
         train,
+        groups=[setting_of[n] for n in train_names],
         meta={
             "target": host.name,
             "fingerprint": host.fingerprint(),

@@ -1,17 +1,25 @@
 """The learned latency model (after nn-Meter, MobiSys 2021): replaces "MACs are latency"
 with a gradient-boosted regressor over kernel features, trained on the target's own
-per-kernel measurements.
+measurements.
 
-- Each kernel (:mod:`.latency_kernels`) is predicted on its own, in log space
-  (latencies span four orders of magnitude, and errors are relative).
-- A whole model is `scale * sum(kernels) + overhead`: `scale` and the per-model constant
-  `overhead` (session call, input and output copies) are fitted by least relative error
-  on whole-model measurements, using out-of-fold kernel predictions so the fit sees the
-  regressor's real errors rather than its memory of the training kernels.
-- The predictor is one JSON file: XGBoost's own JSON model embedded with the feature
-  names, the overhead fit and what it was trained on (never a pickle). Predictors live
-  in a cache folder keyed by the target's fingerprint, the onnxruntime version and the
-  thread count: a number measured with one runtime never predicts another.
+Training, on models measured whole and kernel by kernel:
+
+1. Each kernel (:mod:`.latency_kernels`) is regressed on its own, in log space, as a
+   correction to an analytic prior (a call cost plus work at a rough rate plus bytes at
+   a rough bandwidth, :data:`PRIOR`): latencies span four orders of magnitude, errors
+   are relative, and trees learn an efficiency far better than an absolute time.
+2. More trees are boosted on whole-model measurements: the loss is each model's summed
+   kernels against its measured latency. Per-kernel times come from onnxruntime's
+   profiler, whose own cost varies; whole-model times repeat within a few per cent.
+3. A whole model is `scale * sum(kernels) + overhead`: `scale` and the per-model constant
+   `overhead` are fitted by least relative error on out-of-fold predictions, the folds
+   holding whole groups of models (an architecture, a compression setting), so the fit
+   sees the errors of predicting models unlike the training ones.
+
+The predictor is one JSON file: XGBoost's own JSON model embedded with the feature
+names, the prior, the overhead fit and what it was trained on (never a pickle).
+Predictors live in a cache folder keyed by the target's fingerprint, the onnxruntime
+version and the thread count: a number measured with one runtime never predicts another.
 """
 
 from __future__ import annotations
@@ -44,12 +52,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FORMAT = "tailor-latency-predictor/1"
-#: XGBoost settings: shallow-ish trees, many small steps; chosen by cross-validation on
-#: the training variants of benchmarks/cost_model.py (grouped by architecture).
+#: XGBoost settings: shallow trees, many small steps; chosen by cross-validation on the
+#: training variants of benchmarks/cost_model.py (leaving out one setting at a time).
 PARAMS: dict[str, Any] = {
     "objective": "reg:squarederror",
     "eta": 0.05,
-    "max_depth": 6,
+    "max_depth": 4,
     "min_child_weight": 1.0,
     "subsample": 0.8,
     "colsample_bytree": 0.8,
@@ -143,22 +151,19 @@ def _matrix(ks: Sequence[Kernel]) -> np.ndarray:
 #: kernel falls from it (an efficiency) far better than its absolute time, which spans
 #: four orders of magnitude and extrapolates badly to shapes between the training ones.
 PRIOR = {"call_us": 1.0, "flops_per_us": 5e4, "int8_ops_per_us": 1e5, "bytes_per_us": 1e4}
-BASELINE = True
 
 
 def _column(x: np.ndarray, name: str) -> np.ndarray:
     return x[:, FEATURE_NAMES.index(name)].astype(np.float64)
 
 
-def _baseline_us(x: np.ndarray) -> np.ndarray:
+def _baseline_us(x: np.ndarray, prior: Mapping[str, float]) -> np.ndarray:
     """The prior time of each kernel (rows of a feature matrix), in microseconds."""
-    if not BASELINE:
-        return np.ones(len(x))
     weighted = _column(x, "kind_conv") + _column(x, "kind_gemm")
     ops = _column(x, "macs") * (1 + weighted)  # a MAC is two operations
-    rate = np.where(_column(x, "int8") > 0, PRIOR["int8_ops_per_us"], PRIOR["flops_per_us"])
+    rate = np.where(_column(x, "int8") > 0, prior["int8_ops_per_us"], prior["flops_per_us"])
     data = _column(x, "activation_bytes") + _column(x, "weight_bytes")
-    return PRIOR["call_us"] + ops / rate + data / PRIOR["bytes_per_us"]
+    return prior["call_us"] + ops / rate + data / prior["bytes_per_us"]
 
 
 def _train(x: np.ndarray, y: np.ndarray, w: np.ndarray, *, seed: int, threads: int) -> Any:
@@ -169,7 +174,7 @@ def _train(x: np.ndarray, y: np.ndarray, w: np.ndarray, *, seed: int, threads: i
         x,
         label=y,
         weight=w,
-        base_margin=np.log(_baseline_us(x)),
+        base_margin=np.log(_baseline_us(x, PRIOR)),
         feature_names=list(FEATURE_NAMES),
     )
     return xgb.train(params, data, num_boost_round=ROUNDS)
@@ -219,15 +224,17 @@ def _refine(
         share = e / sums[groups]
         return 2 * ratio[groups] * share, 2 * share + 1e-12
 
-    data = xgb.DMatrix(x, base_margin=np.log(_baseline_us(x)), feature_names=list(FEATURE_NAMES))
+    data = xgb.DMatrix(
+        x, base_margin=np.log(_baseline_us(x, PRIOR)), feature_names=list(FEATURE_NAMES)
+    )
     params = dict(REFINE_PARAMS, seed=seed, nthread=threads)
     return xgb.train(params, data, num_boost_round=REFINE_ROUNDS, obj=objective, xgb_model=booster)
 
 
-def _predict_us(booster: Any, x: np.ndarray) -> np.ndarray:
+def _predict_us(booster: Any, x: np.ndarray, prior: Mapping[str, float]) -> np.ndarray:
     if len(x) == 0:
         return np.zeros(0)
-    margin = booster.inplace_predict(x, base_margin=np.log(_baseline_us(x)))
+    margin = booster.inplace_predict(x, base_margin=np.log(_baseline_us(x, prior)))
     return np.exp(margin.astype(np.float64))
 
 
@@ -258,11 +265,20 @@ class LatencyPredictor:
     Build one with :meth:`fit`, keep it with :meth:`save`, read it with :meth:`load`.
     """
 
-    def __init__(self, booster: Any, *, scale: float, overhead_us: float, meta: Mapping[str, Any]):
+    def __init__(
+        self,
+        booster: Any,
+        *,
+        scale: float,
+        overhead_us: float,
+        meta: Mapping[str, Any],
+        prior: Mapping[str, float] | None = None,
+    ):
         self.booster = booster
         self.scale = scale
         self.overhead_us = overhead_us
         self.meta: dict[str, Any] = dict(meta)
+        self.prior = dict(prior or PRIOR)
 
     @classmethod
     def fit(
@@ -327,7 +343,7 @@ class LatencyPredictor:
                 continue
             booster = booster_for(train)
             for i in np.flatnonzero(fold_of == f):
-                sums[i] = _predict_us(booster, x[i]).sum()
+                sums[i] = _predict_us(booster, x[i], PRIOR).sum()
         scale, overhead = _fit_overhead(sums, totals)
         booster = booster_for(list(range(len(timed))))
         info = dict(meta or {})
@@ -349,7 +365,7 @@ class LatencyPredictor:
 
     def predict_kernels_us(self, found: Sequence[Kernel]) -> np.ndarray:
         """Each kernel's predicted time in microseconds (before the whole-model scale)."""
-        return _predict_us(self.booster, _matrix(found))
+        return _predict_us(self.booster, _matrix(found), self.prior)
 
     def predict(self, models: Sequence[Model | Sequence[Kernel]]) -> list[PredictedLatency]:
         """Predicted latency of each model: a :class:`Model` (its kernels are annotated with
@@ -374,7 +390,9 @@ class LatencyPredictor:
             "features": list(FEATURE_NAMES),
             "scale": self.scale,
             "overhead_us": self.overhead_us,
+            "prior": self.prior,
             "params": dict(PARAMS, rounds=ROUNDS),
+            "refine_params": dict(REFINE_PARAMS, rounds=REFINE_ROUNDS),
             "meta": self.meta,
             "booster": json.loads(bytes(self.booster.save_raw("json"))),
         }
@@ -415,6 +433,7 @@ class LatencyPredictor:
             scale=float(data["scale"]),
             overhead_us=float(data["overhead_us"]),
             meta=data.get("meta", {}),
+            prior=data.get("prior"),
         )
 
     def __repr__(self) -> str:

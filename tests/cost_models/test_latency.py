@@ -21,6 +21,12 @@ from tailor.cost_models.latency import (
     kernels,
     predictor_path,
 )
+from tailor.cost_models.latency_measure import (
+    KernelProfile,
+    annotate,
+    corrected,
+    profiler_overhead,
+)
 from tailor.errors import TailorError, TargetError
 from tailor.targets import Target
 from tests.helpers import make_model
@@ -211,6 +217,29 @@ def test_measured_on_this_machine_is_labelled_and_adds_up():
     assert all(v > 0 for v in values)
     assert all(layer.metrics["latency_ms"].source == "measured" for layer in layers)
     assert sum(values) <= total.value * 1.5
+
+
+def test_annotate_records_what_onnxruntime_runs():
+    conv, pool = annotate(make_model(POOL))
+    assert any("Conv" in op for op in conv.runtime_ops)
+    assert any("MaxPool" in op for op in pool.runtime_ops)
+    named = dict(zip(FEATURE_NAMES, features(conv), strict=True))
+    assert named["rt_nodes"] == len(conv.runtime_ops) >= 1
+
+
+def test_profiler_cost_is_taken_out_per_node():
+    k = Kernel(name="a", op="Conv", kind="conv", nodes=["a"])
+    profile = KernelProfile([k, k, k], [50.0, 10.0, 4.0], 2.0, 70.0, 10, [1.0, 3.0, 1.0])
+    # 66 us profiled against 51 measured: 15 us over 5 nodes, 3 us each.
+    assert corrected(profile, 51.0) == pytest.approx([47.0, 1.0, 1.0])
+    # A given per-node cost; the floor is a tenth of the profiled time.
+    assert corrected(profile, 51.0, per_node_us=4.0) == pytest.approx([46.0, 1.0, 0.4])
+    # Two models, 2 us per node and 10 % in proportion: the fit recovers both.
+    small = KernelProfile([k], [0.0], 0.0, 0.0, 1, [10.0])
+    large = KernelProfile([k], [0.0], 0.0, 0.0, 1, [5.0])
+    small.kernel_us = [100 * 1.1 + 2 * 10]
+    large.kernel_us = [1000 * 1.1 + 2 * 5]
+    assert profiler_overhead([small, large], [100.0, 1000.0]) == pytest.approx(2.0)
 
 
 def test_measured_refuses_a_device_this_machine_is_not():
