@@ -14,6 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tailor.errors import TailorError
+from tailor.ir._activation_cache import CACHE, data_key, upstream_keys
 from tailor.ir.model import Model
 from tailor.ir.ort import make_session
 
@@ -112,30 +113,22 @@ def capture(
     if fixed is not None:
         # A model exported with a fixed batch runs only that batch size.
         batch_size = fixed
-    probe = model.copy()
-    by_name = probe.tensors()
-    if any(n in by_name and by_name[n].dtype is None for n in tensors):
-        # A graph output needs a type: a model loaded without shape inference has none.
-        probe.infer_shapes()
+    by_name = model.tensors()
     missing = [n for n in tensors if n not in by_name]
     if missing:
         raise CalibrationError(f"cannot capture {missing[0]!r}: no such tensor in the model")
-    outputs = []
     for name in tensors:
-        t = by_name[name]
-        if isinstance(t, gs.Constant):
+        if isinstance(by_name[name], gs.Constant):
             raise CalibrationError(f"cannot capture {name!r}: it is a constant, not an activation")
-        if name in {i.name for i in probe.inputs}:
-            continue
-        if not probe.is_graph_output(t):
-            probe.graph.outputs.append(t)
-        outputs.append(name)
-    untyped = [n for n in outputs if by_name[n].dtype is None]
-    if untyped:
-        raise CalibrationError(f"cannot capture {untyped[0]!r}: its type cannot be inferred")
-    sess = make_session(probe)
+    input_names = {i.name for i in model.inputs}
+    keys, cached = _lookup(model, feeds, [n for n in tensors if n not in input_names], batch_size)
+    outputs = [n for n in tensors if n not in input_names and n not in cached]
+    sess = _session(model, outputs) if outputs else None
+    # Fresh values of cacheable tensors are kept for the cache while they fit in its share.
+    fresh: dict[str, list[np.ndarray] | None] = {n: [] for n in outputs if n in keys}
+    share = CACHE.limit // 4
     gathered: dict[str, list[np.ndarray]] = {n: [] for n in tensors}
-    for batch in iter_batches(feeds, batch_size):
+    for index, batch in enumerate(iter_batches(feeds, batch_size)):
         real = len(next(iter(batch.values()))) if batch else 0
         if fixed is not None and 0 < real < fixed:
             # The last, partial batch is padded with its last sample; the extra rows are
@@ -144,10 +137,54 @@ def capture(
                 k: np.concatenate([v, np.repeat(v[-1:], fixed - real, axis=0)])
                 for k, v in batch.items()
             }
-        values = dict(zip(outputs, sess.run(outputs, batch), strict=True)) if outputs else {}
+        values = dict(zip(outputs, sess.run(outputs, batch), strict=True)) if sess else {}
         for name in tensors:
-            value = batch[name] if name in batch else values[name]
-            if fixed is not None and real < fixed:
-                value = value[:real]
+            if name in cached:
+                value = cached[name][index]
+            else:
+                value = batch[name] if name in batch else values[name]
+                if fixed is not None and real < fixed:
+                    value = value[:real]
+                kept = fresh.get(name)
+                if kept is not None:
+                    kept.append(value.copy())  # a reducer may edit its batch in place
+                    if sum(v.nbytes for v in kept) > share:
+                        fresh[name] = None
             gathered[name].append(reduce(name, value) if reduce else value)
+    for name, kept in fresh.items():
+        if kept:
+            CACHE.put(keys[name], kept)
     return {n: np.concatenate(v, axis=0) if v else np.empty((0,)) for n, v in gathered.items()}
+
+
+def _lookup(
+    model: Model, feeds: Mapping[str, np.ndarray], names: Sequence[str], batch_size: int
+) -> tuple[dict[str, bytes], dict[str, list[np.ndarray]]]:
+    """(cache keys of the cacheable names, the cached batches found)."""
+    if not CACHE.enabled or not names:
+        return {}, {}
+    data = data_key(feeds, batch_size)
+    keys = {n: k + data for n, k in upstream_keys(model, names).items() if k is not None}
+    cached = {}
+    for name, key in keys.items():
+        found = CACHE.get(key)
+        if found is not None:
+            cached[name] = found
+    return keys, cached
+
+
+def _session(model: Model, outputs: Sequence[str]):  # noqa: ANN202 - onnxruntime session
+    """A session of a copy of `model` whose graph outputs include `outputs`."""
+    probe = model.copy()
+    by_name = probe.tensors()
+    if any(by_name[n].dtype is None for n in outputs):
+        # A graph output needs a type: a model loaded without shape inference has none.
+        probe.infer_shapes()
+    untyped = [n for n in outputs if by_name[n].dtype is None]
+    if untyped:
+        raise CalibrationError(f"cannot capture {untyped[0]!r}: its type cannot be inferred")
+    for name in outputs:
+        t = by_name[name]
+        if not probe.is_graph_output(t):
+            probe.graph.outputs.append(t)
+    return make_session(probe)

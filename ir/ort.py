@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 
 from tailor.errors import DynamicShapeError, UnsupportedModelError
-from tailor.ir.model import Model, _first_line
+from tailor.ir.model import Model, _first_line, over_protobuf_limit
 
 __all__ = ["make_session", "run_model", "random_inputs"]
 
@@ -39,7 +39,7 @@ def make_session(
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
     try:
-        if proto.ByteSize() > _TWO_GIB:
+        if over_protobuf_limit(proto, _TWO_GIB):
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "model.onnx"
                 onnx.save_model(proto, str(path), save_as_external_data=True, location="model.data")

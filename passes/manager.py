@@ -14,7 +14,7 @@ import onnx
 
 from tailor.errors import DynamicShapeError, PassError, TailorError, VerificationError
 from tailor.ir.equivalence import compare
-from tailor.ir.model import Model, _first_line
+from tailor.ir.model import Model, _first_line, over_protobuf_limit
 from tailor.passes.base import Pass, PassContext
 from tailor.passes.pipeline import Pipeline, parse_pipeline
 from tailor.passes.registry import get_pass
@@ -55,7 +55,7 @@ def check_model(model: Model, *, full: bool = True) -> None:
     """Runs the ONNX checker (with strict shape inference when `full`); VerificationError."""
     proto = model.to_proto()
     try:
-        if proto.ByteSize() > _TWO_GIB:
+        if over_protobuf_limit(proto, _TWO_GIB):
             onnx.checker.check_model(proto, full_check=False)
         else:
             onnx.checker.check_model(proto, full_check=full)

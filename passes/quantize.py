@@ -55,7 +55,7 @@ import onnx
 from tailor.errors import ParameterError, PassError, TailorError
 from tailor.ir.activations import capture, iter_batches
 from tailor.ir.layers import layer_weight
-from tailor.ir.model import Model, Node, _first_line
+from tailor.ir.model import Model, Node, _first_line, over_protobuf_limit
 from tailor.passes._bias import correct_bias
 from tailor.passes._storage import ERROR_SAMPLES, capture_outputs, rel_error, skip
 from tailor.passes.base import Param, Pass, PassContext, PassResult
@@ -194,7 +194,7 @@ class Quantize(Pass):
         with tempfile.TemporaryDirectory(prefix="tailor-quantize-") as tmp:
             src, pre, out = (str(Path(tmp) / f) for f in ("in.onnx", "pre.onnx", "out.onnx"))
             # Above 2 GiB a model must carry its weights in a separate file.
-            large = proto.ByteSize() > (1 << 30)
+            large = over_protobuf_limit(proto, 1 << 30)
             onnx.save_model(proto, src, save_as_external_data=large, location="in.data")
             # onnxruntime's calibrators print progress to stdout.
             with contextlib.redirect_stdout(io.StringIO()):

@@ -17,11 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,13 @@ import numpy as np
 
 from tailor.demands import Demands
 from tailor.errors import TailorError
-from tailor.evaluate import Evaluator, Fidelity, TopOneAccuracy, split_samples
+from tailor.evaluate import (
+    Evaluator,
+    Fidelity,
+    TopOneAccuracy,
+    paired_standard_error,
+    split_samples,
+)
 from tailor.ir.model import Model
 from tailor.plan import Plan, model_digest, pipeline_text
 from tailor.search.base import Budget, Evaluation, SearchResult, Unit, search
@@ -69,32 +74,40 @@ class ModelProblem:
         self.seed = seed
         self.workers = max(int(workers), 1)
         self._pool: Any = None
+        self._base_samples: np.ndarray | None = None
         self.measure(model)  # warms caches and the clock: the first timing runs slow
         self.baseline = self.measure(model)
 
     def pipeline(self, assignment: Sequence[int]) -> str:
-        return pipeline_text(assignment_layers(self.model, self.units, assignment))
+        """The pipeline that builds a candidate from :attr:`model`, which is already fused
+        (the plan's own pipeline starts with `fuse`, for the original model)."""
+        return pipeline_text(assignment_layers(self.model, self.units, assignment), prefix="")
 
     def build(self, assignment: Sequence[int]) -> Model:
         """The candidate model of an assignment."""
-        from tailor.api import run_pipeline
-
         if not any(assignment):
             return self.model.copy()
-        result = run_pipeline(
-            self.model,
-            self.pipeline(assignment),
-            calibration=self.calibration,
-            check="basic",
-            seed=self.seed,
-        )
-        return result.model
+        return _build(self.model, self.pipeline(assignment), self.calibration, self.seed)
 
     def measure(self, model: Model) -> dict[str, float]:
-        metrics = {"accuracy": float(self.evaluator(model))}
+        """The model's metrics. With an evaluator that scores each sample, `accuracy` is
+        the measured score less one paired standard error of its change from the
+        baseline (`accuracy_measured`, `accuracy_se`): a candidate is credited only with
+        what its samples support, so choosing among many does not pick lucky ones."""
+        metrics = self._accuracy(model)
         for key, value in self.costs(model).items():
             metrics[key] = float(value.value if hasattr(value, "value") else value)
         return metrics
+
+    def _accuracy(self, model: Model) -> dict[str, float]:
+        per = self.evaluator.per_sample(model) if _scores_samples(self.evaluator) else None
+        if per is None:
+            return {"accuracy": float(self.evaluator(model))}
+        measured = float(per.mean())
+        if self._base_samples is None:  # the first model measured is the baseline
+            self._base_samples = per
+        se = paired_standard_error(self._base_samples, per)
+        return {"accuracy": measured - se, "accuracy_measured": measured, "accuracy_se": se}
 
     def evaluate(self, assignments: list[tuple[int, ...]]) -> list[Evaluation]:
         if self.workers > 1 and len(assignments) > 1:
@@ -165,19 +178,24 @@ def _worker_init(model_bytes: bytes, calibration: dict[str, np.ndarray], seed: i
 
 def _worker_build(pipeline: str) -> tuple[bytes | None, str | None]:
     """Runs one candidate's pipeline in a worker; errors come back as text."""
-    from tailor.api import run_pipeline
-
     try:
-        result = run_pipeline(
-            _WORKER["model"],
-            pipeline,
-            calibration=_WORKER["calibration"],
-            check="basic",
-            seed=_WORKER["seed"],
-        )
-        return result.model.to_bytes(), None
+        model = _build(_WORKER["model"], pipeline, _WORKER["calibration"], _WORKER["seed"])
+        return model.to_bytes(), None
     except TailorError as e:
         return None, str(e)
+
+
+def _build(model: Model, pipeline: str, calibration: Mapping[str, np.ndarray], seed: int) -> Model:
+    """A candidate: `pipeline` run on the (checked) search model, and the result checked
+    once at the end rather than after every pass (candidates are many; the plan that is
+    finally applied gets the full check)."""
+    from tailor.api import run_pipeline
+    from tailor.passes.manager import check_model
+
+    result = run_pipeline(model, pipeline, calibration=calibration, check="none", seed=seed)
+    if result.modified:
+        check_model(result.model, full=False)
+    return result.model
 
 
 @dataclass
@@ -249,24 +267,9 @@ def _evaluators(
     )
 
 
-def _search_demands(
-    demands: Demands, evaluator: Evaluator, accuracy: float
-) -> tuple[Demands, float]:
-    """The demands the search works to: the accuracy budget less a margin for the
-    sampling error of the search samples, so the plan also holds on held-out data.
-
-    The margin is one standard error of the search accuracy, `sqrt(p (1 - p) / n)`, at
-    most half the budget; a user's evaluator (unknown sample count) gets none.
-    """
-    samples = len(getattr(evaluator, "x", ()))
-    if demands.max_accuracy_drop is None or samples < 2:
-        return demands, 0.0
-    p = min(max(accuracy, 1.0 / samples), 1.0 - 1.0 / samples)
-    se = math.sqrt(p * (1.0 - p) / samples)
-    if demands.relative_accuracy_drop:
-        se = se / max(accuracy, 1e-9)
-    margin = min(se, demands.max_accuracy_drop / 2)
-    return replace(demands, max_accuracy_drop=demands.max_accuracy_drop - margin), margin
+def _scores_samples(evaluator: Evaluator) -> bool:
+    """Whether the evaluator gives per-sample scores (so paired errors can be used)."""
+    return type(evaluator).per_sample is not Evaluator.per_sample
 
 
 def compress(
@@ -360,6 +363,11 @@ def compress(
         seed=seed,
         workers=workers,
     )
+    if _scores_samples(search_eval):
+        eval_note += (
+            "; the search credits each candidate with its accuracy less one paired standard "
+            "error of its change from the baseline"
+        )
     if out_dir is not None and resume:
         key = _search_key(
             model_bytes, target_obj.name, demands, units, f"{strategy}/{seed}/{eval_note}"
@@ -367,17 +375,11 @@ def compress(
         wrapped = CachedProblem(problem, out_dir / "search-state.jsonl", key=key)
     else:
         wrapped = problem
-    searched, margin = _search_demands(demands, search_eval, problem.baseline["accuracy"])
-    if margin:
-        eval_note += (
-            f"; the search kept a {100 * margin:.2f}-point margin below the accuracy budget "
-            "for the sampling error of its samples"
-        )
     start = time.perf_counter()
     try:
         result = search(
             wrapped,
-            searched,
+            demands,
             strategy,
             seed=seed,
             budget=Budget(max_evaluations=max_evaluations, max_seconds=max_seconds),

@@ -34,6 +34,7 @@ __all__ = [
     "load_labels",
     "load_user_evaluator",
     "split_samples",
+    "paired_standard_error",
 ]
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,24 @@ class Evaluator:
 
     def __call__(self, model: Model) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def per_sample(self, model: Model) -> np.ndarray | None:
+        """Each sample's score (1.0 right, 0.0 wrong), whose mean is the score; None when
+        the evaluator cannot tell (a user's function returns one number)."""
+        return None
+
+
+def paired_standard_error(baseline: np.ndarray, candidate: np.ndarray) -> float:
+    """Standard error of the score change from `baseline` to `candidate`, two per-sample
+    score vectors on the same samples: the paired (McNemar-style) error, which counts only
+    the samples on which the two disagree. A candidate that changes few predictions has a
+    small one however few samples there are; one that changes many, a large one.
+    """
+    d = np.asarray(candidate, np.float64) - np.asarray(baseline, np.float64)
+    n = len(d)
+    if n < 2:
+        return 0.0
+    return float(np.sqrt(max(float((d**2).mean() - d.mean() ** 2), 0.0) / n))
 
 
 def _predict(model: Model, x: np.ndarray, input_name: str) -> np.ndarray:
@@ -91,8 +110,11 @@ class TopOneAccuracy(Evaluator):
         self.y = self.y.reshape(-1).astype(np.int64)
 
     def __call__(self, model: Model) -> float:
+        return float(self.per_sample(model).mean())
+
+    def per_sample(self, model: Model) -> np.ndarray:
         pred = _predict(model, self.x, _input_name(model))
-        return float((pred == self.y).mean())
+        return (pred == self.y).astype(np.float64)
 
 
 @dataclass
@@ -107,8 +129,11 @@ class Fidelity(Evaluator):
         self._expected = _predict(self.reference, self.x, _input_name(self.reference))
 
     def __call__(self, model: Model) -> float:
+        return float(self.per_sample(model).mean())
+
+    def per_sample(self, model: Model) -> np.ndarray:
         pred = _predict(model, self.x, _input_name(model))
-        return float((pred == self._expected).mean())
+        return (pred == self._expected).astype(np.float64)
 
 
 @dataclass

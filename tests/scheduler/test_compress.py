@@ -68,6 +68,11 @@ def test_greedy_plan_meets_the_budget_replays_and_reports(data, tmp_path):
     assert plan.metrics["sources"]["latency"] == "roofline"
     for name in ("model.onnx", "plan.yaml", "report.md", "pareto.png", "search-state.jsonl"):
         assert (tmp_path / name).is_file(), name
+    # The search ranks accuracy less the paired error of the change from the baseline.
+    res = result.result
+    assert res["accuracy"] == pytest.approx(res["accuracy_measured"] - res["accuracy_se"])
+    assert result.baseline["accuracy_se"] == 0.0
+    assert res["accuracy_se"] > 0.0 or res["accuracy_measured"] == result.baseline["accuracy"]
     report = (tmp_path / "report.md").read_text()
     assert "## Pareto front" in report and "| accuracy (held out) |" in report
     # The plan file replays to the same model.

@@ -13,6 +13,7 @@ from tailor.evaluate import (
     TopOneAccuracy,
     load_labels,
     load_user_evaluator,
+    paired_standard_error,
     split_samples,
 )
 from tailor.ir import Model
@@ -94,3 +95,27 @@ def test_split_is_seeded_and_disjoint():
     a, b = split_samples((np.zeros(100),), 0.3, seed=1)
     assert len(b) == 30 and len(a) == 70 and not set(a) & set(b)
     assert (split_samples((np.zeros(100),), 0.3, seed=1)[1] == b).all()
+
+
+def test_paired_standard_error_counts_only_the_samples_that_change():
+    base = np.ones(400)
+    assert paired_standard_error(base, base) == 0.0
+    # 4 of 400 samples flip to wrong: d has mean -0.01 and variance 0.01 - 0.0001.
+    worse = base.copy()
+    worse[:4] = 0.0
+    assert paired_standard_error(base, worse) == pytest.approx(np.sqrt(0.0099 / 400))
+    # As many flip each way: no net change, but an uncertain one.
+    mixed = np.r_[np.ones(200), np.zeros(200)]
+    swapped = mixed.copy()
+    swapped[:20], swapped[200:220] = 0.0, 1.0
+    assert paired_standard_error(mixed, swapped) == pytest.approx(np.sqrt(0.1 / 400))
+    # Smaller than the unpaired error of one accuracy on the same samples (0.025).
+    assert paired_standard_error(mixed, swapped) < np.sqrt(0.25 / 400)
+
+
+def test_per_sample_scores_average_to_the_score(digits):
+    model, x, y = digits
+    for evaluator in (TopOneAccuracy(x[:300], y[:300]), Fidelity(model, x[:300])):
+        per = evaluator.per_sample(model)
+        assert per.shape == (300,) and set(np.unique(per)) <= {0.0, 1.0}
+        assert per.mean() == evaluator(model)
