@@ -33,7 +33,12 @@ Protocol, per trained model:
 The ResNet-18-sized timing (`resnet18` in `--models`): torchvision's ResNet-18 layout
 (11.2 M parameters; ImageNet stem by default, `--r18-stem cifar` for the 3x3 stem) at
 3x32x32 with random weights, compressed with fidelity scoring (calibration only, no
-labels) under `--r18-max-seconds`; its wall time is what is recorded.
+labels) under `--r18-max-seconds`; its wall time is what is recorded
+(`resnet18-nolimit`: the same with no budget, the search's own end).
+
+`--suffix S` keeps a trained model's run with other settings (a larger budget, another
+strategy) as `NAME@S`, beside the default run. `benchmarks/compress_report.py` renders
+the Markdown.
 
 Results are merged into `benchmarks/results/compress.json` (a run replaces the rows of
 the models it ran) and rendered to `compress.md`; each model's `report.md`, `pareto.png`
@@ -330,11 +335,13 @@ def run_trained(name: str, args: argparse.Namespace, demands: Demands, key: str)
             output_dir=tmp,
             resume=False,
             progress=_progress(key),
+            workers=args.workers,
             **budget,
         )
         wall = time.perf_counter() - start
         info["files"] = _keep_plan_files(Path(tmp), args.results_dir, key)
     info["search"] = _search_info(result, wall, budget) | {
+        "workers": args.workers,
         "load_average_before": [round(x, 2) for x in load_start],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
@@ -438,11 +445,13 @@ def run_resnet18(args: argparse.Namespace, demands: Demands, name: str) -> dict[
             output_dir=Path(tmp) / "out",
             resume=False,
             progress=_progress(name),
+            workers=args.workers,
             **budget,
         )
         wall = time.perf_counter() - start
         info["files"] = _keep_plan_files(Path(tmp) / "out", args.results_dir, name)
         info["search"] = _search_info(result, wall, budget) | {
+            "workers": args.workers,
             "load_average_before": [round(x, 2) for x in load_start],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
         }
@@ -485,6 +494,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--latency-threads", type=int, default=1)
     parser.add_argument("--eval-threads", type=int, default=2)
+    parser.add_argument(
+        "--workers", type=int, default=1, help="compress's candidate-building processes"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 24 evaluations, 60 s")
     parser.add_argument(
         "--suffix",

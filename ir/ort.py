@@ -37,7 +37,9 @@ def make_session(
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
+    # Errors come back as exceptions (with the message); the passes try candidates that
+    # may not run and handle it, so onnxruntime printing them too would only alarm.
+    opts.log_severity_level = 4
     try:
         if over_protobuf_limit(proto, _TWO_GIB):
             with tempfile.TemporaryDirectory() as tmp:
