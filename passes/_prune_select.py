@@ -166,24 +166,73 @@ def _solve_state(normal: Normal) -> tuple[np.ndarray, np.ndarray]:
     return p, p @ normal.cross
 
 
-def _add_costs(
-    cost: np.ndarray,
-    p: np.ndarray,
-    w: np.ndarray,
-    where: list[np.ndarray],
-    alive: np.ndarray,
-    energy: float,
-) -> None:
-    """Adds, per alive channel, the residual its removal would add (over `energy`)."""
-    by_width: dict[int, list[int]] = {}
-    for c in np.flatnonzero(alive):
-        if len(where[c]):
-            by_width.setdefault(len(where[c]), []).append(int(c))
-    for channels in by_width.values():
-        idx = np.stack([where[c] for c in channels])  # [n, m]
-        blocks = p[idx[:, :, None], idx[:, None, :]]  # [n, m, m]
-        ws = w[idx]  # [n, m, k]
-        cost[channels] += np.einsum("nmk,nmk->n", ws, np.linalg.solve(blocks, ws)) / energy
+class _System:
+    """One reader's least-squares system while channels are removed.
+
+    The inverse Gram matrix `P` after removing feature sets f_1..f_t is
+    `P0 - U K` (each removal a Schur-complement downdate by `P[:, f] P[f, f]^-1 P[f, :]`),
+    kept in that factored form: a step then reads only the columns and diagonal blocks it
+    needs, in O(d r |f|), instead of rewriting the whole d x d matrix (memory-bound, and
+    most of the pass's time on layers with thousands of input features). The weights `W`
+    (d x k, small) are updated in place.
+    """
+
+    def __init__(self, normal: Normal, where: list[np.ndarray]):
+        self.p0, self.w = _solve_state(normal)
+        self.where = where
+        self.energy = normal.energy
+        d = self.p0.shape[0]
+        # U and K^T, filled column by column as features go (at most d of them).
+        self._u = np.empty((d, d))
+        self._kt = np.empty((d, d))
+        self.rank = 0
+        self.dead = np.zeros(d, bool)
+
+    @property
+    def u(self) -> np.ndarray:
+        return self._u[:, : self.rank]
+
+    @property
+    def kt(self) -> np.ndarray:
+        return self._kt[:, : self.rank]
+
+    def columns(self, f: np.ndarray) -> np.ndarray:
+        """P[:, f], exactly zero on removed features (rows of the symmetric P0 and of K^T
+        are gathered: contiguous, unlike columns)."""
+        cols = self.p0[f].T - self.u @ self.kt[f].T
+        cols[self.dead] = 0.0
+        return cols
+
+    def add_costs(self, cost: np.ndarray, alive: np.ndarray) -> None:
+        """Adds, per alive channel, the residual its removal would add (over the energy)."""
+        by_width: dict[int, list[int]] = {}
+        for c in np.flatnonzero(alive):
+            if len(self.where[c]):
+                by_width.setdefault(len(self.where[c]), []).append(int(c))
+        for channels in by_width.values():
+            idx = np.stack([self.where[c] for c in channels])  # [n, m]
+            blocks = self.p0[idx[:, :, None], idx[:, None, :]]  # [n, m, m]
+            if self.rank:
+                blocks = blocks - np.einsum("nmr,nlr->nml", self.u[idx], self.kt[idx])
+            ws = self.w[idx]  # [n, m, k]
+            cost[channels] += np.einsum("nmk,nmk->n", ws, np.linalg.solve(blocks, ws)) / self.energy
+
+    def remove(self, channels: np.ndarray) -> None:
+        f = np.concatenate([self.where[c] for c in channels])
+        for c in channels:
+            self.where[c] = self.where[c][:0]
+        if not len(f):
+            return
+        pf = self.columns(f)
+        k = np.linalg.solve(pf[f], np.concatenate([pf.T, self.w[f]], axis=1))
+        d = pf.shape[0]
+        self.w -= pf @ k[:, d:]
+        self.dead[f] = True
+        self.w[self.dead] = 0.0
+        r, n = self.rank, len(f)
+        self._u[:, r : r + n] = pf
+        self._kt[:, r : r + n] = k[:, :d].T
+        self.rank += n
 
 
 def elimination_scores(
@@ -202,9 +251,8 @@ def elimination_scores(
         feature_label = np.asarray(labels)[normal.channel]
         if not (feature_label >= 0).any():
             continue
-        p, w = _solve_state(normal)
         where = [np.flatnonzero(feature_label == c) for c in range(group.size)]
-        systems.append([p, w, where, normal.energy])
+        systems.append(_System(normal, where))
     if not systems:
         return None
     alive = np.ones(group.size, bool)
@@ -213,8 +261,8 @@ def elimination_scores(
     steps = 0
     while True:
         cost = np.zeros(group.size)
-        for p, w, where, energy in systems:
-            _add_costs(cost, p, w, where, alive, energy)
+        for system in systems:
+            system.add_costs(cost, alive)
         if removed >= drop:
             break
         candidates = np.flatnonzero(alive)
@@ -227,19 +275,7 @@ def elimination_scores(
             removed += 1
             alive[c] = False
         for system in systems:
-            p, w, where, _ = system
-            f = np.concatenate([where[c] for c in go])
-            if not len(f):
-                continue
-            pf = p[:, f]
-            k = np.linalg.solve(p[np.ix_(f, f)], np.concatenate([pf.T, w[f]], axis=1))
-            system[0] = p - pf @ k[:, : p.shape[0]]
-            system[1] = w - pf @ k[:, p.shape[0] :]
-            system[0][f, :] = 0.0
-            system[0][:, f] = 0.0
-            system[1][f] = 0.0
-            for c in go:
-                where[c] = where[c][:0]
+            system.remove(go)
         steps += 1
     # What is left ranks above everything removed, cheapest to lose first.
     rest = np.flatnonzero(alive)
