@@ -14,12 +14,15 @@ but not on held-out data is reported as such.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,14 +160,40 @@ class ModelProblem:
                 out.append(Evaluation(None, str(e), time.perf_counter() - start))
         return out
 
-    def close(self) -> None:
-        """Stops the worker processes (if any)."""
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
+    def close(self, *, wait: bool = True) -> None:
+        """Stops the worker processes (if any); `wait=False` ends them at once, dropping
+        the candidates they were building (a stopped search)."""
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        if not wait:
+            # concurrent.futures offers no way to end running workers before Python
+            # 3.14's terminate_workers(); a stopped search must not leave them running.
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+        pool.shutdown(wait=wait, cancel_futures=True)
 
 
 _WORKER: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def _terminate_raises() -> Iterator[None]:
+    """SIGTERM (`kill`, a CI timeout) raises SystemExit while the search runs, so worker
+    processes are ended and the resumable state is flushed as on Ctrl-C. Only the main
+    thread can install handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _worker_init(model_bytes: bytes, calibration: dict[str, np.ndarray], seed: int) -> None:
@@ -377,17 +406,20 @@ def compress(
         wrapped = problem
     start = time.perf_counter()
     try:
-        result = search(
-            wrapped,
-            demands,
-            strategy,
-            seed=seed,
-            budget=Budget(max_evaluations=max_evaluations, max_seconds=max_seconds),
-            progress=progress,
-            workers=workers,
-        )
-    finally:
-        problem.close()
+        with _terminate_raises():
+            result = search(
+                wrapped,
+                demands,
+                strategy,
+                seed=seed,
+                budget=Budget(max_evaluations=max_evaluations, max_seconds=max_seconds),
+                progress=progress,
+                workers=workers,
+            )
+    except BaseException:
+        problem.close(wait=False)  # stopped (Ctrl-C, kill): end the workers now
+        raise
+    problem.close()
     layers_plan = assignment_layers(fused, units, result.best)
     plan = Plan(
         layers=layers_plan,

@@ -167,3 +167,40 @@ def test_parallel_workers_give_the_same_plan(data):
     two = run(data, max_evaluations=4, space=COMPUTE, workers=2)
     assert two.plan.pipeline == one.plan.pipeline
     assert two.search.evaluations == one.search.evaluations
+
+
+def test_a_killed_search_ends_its_workers_and_keeps_its_state(tmp_path):
+    """SIGTERM (a `kill`, a CI timeout) during a search with worker processes: the
+    command exits, no worker outlives it, and the finished evaluations are kept."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "tailor.cli", "compress", str(MODEL), "-t", "rpi4",
+           "--data", f"{EXAMPLE / 'digits.npz'}:calib_x", "--workers", "2", "-o", str(out),
+           "--labels", f"{EXAMPLE / 'digits.npz'}:test_x,test_y", "-q"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    parent = psutil.Process(proc.pid)
+    state = out / "search-state.jsonl"
+    deadline = time.monotonic() + 120
+    workers: list[psutil.Process] = []
+    # Wait until workers run and at least one evaluation is recorded.
+    while time.monotonic() < deadline and proc.poll() is None:
+        workers = parent.children(recursive=True)
+        if len(workers) >= 2 and state.is_file() and len(state.read_text().splitlines()) > 1:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+    assert len(workers) >= 2
+    kept = len(state.read_text().splitlines())
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, [p.pid for p in alive]
+    assert len(state.read_text().splitlines()) >= kept
+    assert not (out / "model.onnx").exists()
