@@ -334,6 +334,11 @@ class SearchContext:
         return max(self.budget.max_evaluations - self.evaluations, 0)
 
     @property
+    def elapsed(self) -> float:
+        """Seconds since the search started."""
+        return time.monotonic() - self._start
+
+    @property
     def exhausted(self) -> bool:
         if self.remaining == 0:
             return True

@@ -1,8 +1,11 @@
 """Greedy search by per-unit sensitivity (NetAdapt, Yang et al. ECCV 2018; AIMET's
 per-layer compression-ratio selection).
 
-1. Sensitivity: each option of each unit is evaluated alone (every other unit keeps),
-   in one batch. Its change from the baseline predicts what it does in any plan.
+1. Sensitivity: each option of each unit is evaluated alone (every other unit keeps).
+   Its change from the baseline predicts what it does in any plan. Each unit's mildest
+   option of every technique family goes first; the others follow while the budget
+   (evaluations or seconds, at the rate measured) leaves room for the uniform plans and
+   the steps, so a budgeted search still ends with a per-layer plan.
 2. Steps: from the current plan, a step moves one unit to a stronger option (higher
    `strength`). Each step's effect on the plan is predicted additively from the
    sensitivities. While a latency, energy, storage or peak-memory budget is unmet, steps
@@ -81,8 +84,13 @@ def run(ctx: SearchContext, seed: int = 0, *, polish: bool = True, pair_limit: i
         return tuple(j if k == i else 0 for k in range(len(units)))
 
     ctx.phase = "sensitivity"
-    singles = [single(i, j) for i, u in enumerate(units) for j in range(1, len(u.options))]
-    ctx.evaluate(singles)
+    core, rest = _sensitivity_order(units)
+    ctx.evaluate([single(i, j) for i, j in core])
+    # The other options' sensitivities are measured when the budget leaves room for them
+    # and for the steps; otherwise the steps use the options measured (an anytime search:
+    # with a time budget the result is a per-layer plan, not one layer changed).
+    rest = _affordable(ctx, rest, reserve=len(units))
+    ctx.evaluate([single(i, j) for i, j in rest])
 
     def accuracy_ok(metrics: Mapping[str, float]) -> bool:
         acc = metrics.get("accuracy")
@@ -171,6 +179,41 @@ def run(ctx: SearchContext, seed: int = 0, *, polish: bool = True, pair_limit: i
     if polish:
         ctx.phase = "polish"
         _polish(ctx, current, single, pair_limit)
+
+
+def _sensitivity_order(units: list) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(core, rest): the (unit, option) pairs measured first — each unit's mildest
+    option of every technique family, what the steps take first — and the others."""
+    core, rest = [], []
+    for i, u in enumerate(units):
+        seen: set[str] = set()
+        by_strength = sorted(range(1, len(u.options)), key=lambda j: (u.options[j].strength, j))
+        for j in by_strength:
+            family = u.options[j].family
+            (rest if family in seen else core).append((i, j))
+            seen.add(family)
+    return core, rest
+
+
+def _affordable(
+    ctx: SearchContext, pairs: list[tuple[int, int]], *, reserve: int
+) -> list[tuple[int, int]]:
+    """The leading `pairs` whose measurement leaves the budget room for the uniform plans
+    and `reserve` step evaluations, at the rate measured so far; all when unbounded."""
+    budget = ctx.budget
+    room = len(pairs)
+    uniform = len({o.label for u in ctx.units for o in u.options[1:]})
+    if ctx.remaining is not None:
+        room = min(room, max(ctx.remaining - uniform - reserve, 0))
+    if budget.max_seconds is not None and ctx.evaluations:
+        rate = ctx.elapsed / ctx.evaluations
+        left = budget.max_seconds - ctx.elapsed
+        room = min(room, max(int(left / rate) - uniform - reserve, 0))
+    if room < len(pairs):
+        logger.info(
+            "greedy: budget leaves room to measure %d of %d further options alone", room, len(pairs)
+        )
+    return pairs[:room]
 
 
 def _polish(

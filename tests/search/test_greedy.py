@@ -75,3 +75,35 @@ def test_workers_evaluate_several_steps_at_once():
     three = search(Synthetic(6, 0), d, "greedy", workers=3)
     assert three.feasible
     assert true_score(p, d, three.metrics) <= true_score(p, d, one.metrics) * 1.05
+
+
+def test_a_tight_budget_measures_the_mildest_options_first_and_leaves_room_for_steps():
+    p = Synthetic(8, 0)
+    d = _latency_budget(p)
+    r = search(p, d, "greedy", budget=Budget(max_evaluations=30))
+    singles = [a for a, _ in r.history if sum(c != 0 for c in a) == 1]
+    # Each unit's mildest option of each family (prune 0.3, quantize) comes first.
+    assert {max(a) for a in singles[:16]} == {1, 3}
+    assert len(singles) < 24  # not every option was measured alone
+    # Room was left for the 3 uniform plans and for steps from the best of them.
+    multi = [a for a, _ in r.history if sum(c != 0 for c in a) > 1]
+    assert len(multi) > 3 and r.evaluations <= 30
+    assert sum(c != 0 for c in r.best) > 1  # a per-layer plan, not one unit changed
+
+
+def test_a_time_budget_skips_the_options_it_cannot_afford():
+    from types import SimpleNamespace
+
+    from tailor.search.greedy import _affordable
+
+    p = Synthetic(4, 0)
+    pairs = [(i, 2) for i in range(4)]
+    ctx = SimpleNamespace(
+        units=p.units, budget=Budget(max_seconds=100.0), remaining=None, evaluations=8,
+        elapsed=40.0,  # 5 s per evaluation: 12 more fit, 3 uniform plans and 4 steps kept
+    )  # fmt: skip
+    assert _affordable(ctx, pairs, reserve=4) == pairs[:4]
+    ctx.elapsed = 80.0  # 10 s each: 2 more fit, none left for these
+    assert _affordable(ctx, pairs, reserve=4) == []
+    ctx.budget = Budget()
+    assert _affordable(ctx, pairs, reserve=4) == pairs
