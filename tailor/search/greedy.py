@@ -6,8 +6,9 @@ per-layer compression-ratio selection).
    option of every technique family goes first; the others follow while the budget
    (evaluations or seconds, at the rate measured) leaves room for the uniform plans and
    the steps, so a budgeted search still ends with a per-layer plan.
-2. Steps: from the current plan, a step moves one unit to a stronger option (higher
-   `strength`). Each step's effect on the plan is predicted additively from the
+2. Steps: from the current plan, a step moves one unit to another option (stronger,
+   or sideways to another technique: from the uniform start the best move is often to
+   another family). Each step's effect on the plan is predicted additively from the
    sensitivities. While a latency, energy, storage or peak-memory budget is unmet, steps
    are ranked by how much of the unmet budgets they recover per point of accuracy lost;
    once all are met, by how much they improve the objective per point of accuracy lost.
@@ -136,10 +137,12 @@ def run(ctx: SearchContext, seed: int = 0, *, polish: bool = True, pair_limit: i
         cur_objective = scorer.objective(cur_metrics, clip=False)
         ranked: list[tuple[float, int, int]] = []
         for i, u in enumerate(units):
-            old = u.options[current[i]].strength
             alone_old = ctx.metrics(single(i, current[i])) if current[i] else None
             for j in range(1, len(u.options)):
-                if (i, j) in rejected or u.options[j].strength <= old:
+                # Any other option, not only a stronger one: from 4-bit weights (what a
+                # uniform start may pick) a move to tucker2 is sideways, and often the
+                # best step. A step is taken only if it really improves, so no cycles.
+                if (i, j) in rejected or j == current[i]:
                     continue
                 alone_new = ctx.metrics(single(i, j))
                 if alone_new is None:  # not measured (budget) or failed
