@@ -31,6 +31,8 @@ def _search_line(name: str, info: dict[str, Any]) -> str:
     minutes = s["compress_wall_seconds"] / 60
     limits = {k: v for k, v in (s.get("budget") or {}).items() if v is not None}
     budget = ", ".join(f"{k} {v:g}" for k, v in limits.items()) or "none"
+    if "budget" not in s:
+        budget = "not recorded"
     return (
         f"- {name}: compress took {s['compress_wall_seconds']:.0f} s ({minutes:.1f} min; search "
         f"{s['search_seconds']:.0f} s, {s['evaluations']} evaluations, "
@@ -48,9 +50,9 @@ def _search_line(name: str, info: dict[str, Any]) -> str:
 
 
 def _extrapolation(info: dict[str, Any], s: dict[str, Any]) -> str:
-    """For a search its budget stopped: how long the sensitivity phase alone would take
+    """For a search its budget stopped within the sensitivity phase: how long the sensitivity phase alone would take
     at the measured rate (an estimate, labelled so)."""
-    if not s["stopped_by_budget"] or not s["evaluations"]:
+    if not s["stopped_by_budget"] or not s["evaluations"] or s["evaluations"] >= info["options"]:
         return ""
     rate = s["search_seconds"] / s["evaluations"]
     return (
@@ -83,6 +85,7 @@ def checks(payload: dict[str, Any]) -> list[str]:
                 if plan["meets_budget"]
                 else f"**NOT met** ({'; '.join(plan['violations'])})"
             )
+            + _own_verify(models.get(name, {}))
         )
         singles = [r for r in ok if r["kind"] == "single"]
         within = [r for r in singles if r["meets_budget"]]
@@ -105,6 +108,30 @@ def checks(payload: dict[str, Any]) -> list[str]:
         if name in models:
             lines.append(_search_line(name, models[name]))
     return lines
+
+
+def _own_verify(info: dict[str, Any]) -> str:
+    """What compress itself found on its search and verify parts of the search half."""
+    s = info.get("search")
+    if not s:
+        return ""
+    base, res = s["compress_baseline"], s["compress_result"]
+    if "accuracy_held_out" not in base or "accuracy_held_out" not in res:
+        return ""
+    unmet = s["unmet_held_out"]
+    verdict = "met" if not unmet else f"**NOT met**: {'; '.join(unmet)}"
+    return (
+        f"; compress's own verify part of the search half: "
+        f"{100 * (res['accuracy_held_out'] - base['accuracy_held_out']):+.2f} points "
+        f"({verdict}); its search part: "
+        f"{100 * (res.get('accuracy_measured', res['accuracy']) - base['accuracy']):+.2f}"
+        + (
+            f" (less one paired standard error, what the search ranks: "
+            f"{100 * (res['accuracy'] - base['accuracy']):+.2f})"
+            if "accuracy_se" in res
+            else ""
+        )
+    )
 
 
 def _x(value: float | None, base: float | None) -> str:

@@ -65,6 +65,13 @@ class SpaceConfig:
     min_macs_share: float = 0.01
 
 
+def _share(members: Sequence[Layer], total_macs: int, total_params: int) -> float:
+    """The members' mean share of the model's MACs and parameters."""
+    macs = sum(m.macs or 0 for m in members) / max(total_macs, 1)
+    params = sum(m.params for m in members) / max(total_params, 1)
+    return min(0.5 * (macs + params), 1.0)
+
+
 def _features(
     layer: Layer | None, members: Sequence[Layer], position: float, total_macs: int
 ) -> np.ndarray:
@@ -139,6 +146,7 @@ def build_space(model: Model, config: SpaceConfig | None = None) -> list[Unit]:
     found = layers(model)
     by_name = {layer.name: layer for layer in found}
     total = sum(layer.macs or 0 for layer in found)
+    total_params = sum(layer.params for layer in found)
     units: list[Unit] = []
     order = {layer.name: i for i, layer in enumerate(found)}
     groups = []
@@ -162,6 +170,7 @@ def build_space(model: Model, config: SpaceConfig | None = None) -> list[Unit]:
                 name=f"group {g.id}: {', '.join(producers[:3])}{' ...' if len(producers) > 3 else ''}",
                 options=options,
                 features=_features(None, members, first / max(len(found), 1), total),
+                share=_share(members, total, total_params),
             )
         )
     for layer in found:
@@ -174,6 +183,7 @@ def build_space(model: Model, config: SpaceConfig | None = None) -> list[Unit]:
                     features=_features(
                         layer, [layer], order[layer.name] / max(len(found), 1), total
                     ),
+                    share=_share([layer], total, total_params),
                 )
             )
     return units

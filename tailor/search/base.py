@@ -104,11 +104,14 @@ class Unit:
         options: option 0 is always keep.
         features: a numeric description of the unit (shape, MACs share, ...), the rl
             agent's state.
+        share: the unit's share of the model's cost (MACs and parameters, 0 to 1): under
+            a tight budget the larger units are measured first.
     """
 
     name: str
     options: list[Option]
     features: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    share: float = 0.0
 
 
 @dataclass

@@ -76,7 +76,6 @@ def run(ctx: SearchContext, seed: int = 0, *, polish: bool = True, pair_limit: i
     """
     del seed
     units, scorer = ctx.units, ctx.scorer
-    base = ctx.problem.baseline
     floor = ctx.demands.accuracy_floor(scorer.base_accuracy)
     if floor is not None and math.isnan(floor):
         floor = None
@@ -86,25 +85,34 @@ def run(ctx: SearchContext, seed: int = 0, *, polish: bool = True, pair_limit: i
 
     ctx.phase = "sensitivity"
     core, rest = _sensitivity_order(units)
-    ctx.evaluate([single(i, j) for i, j in core])
-    # The other options' sensitivities are measured when the budget leaves room for them
-    # and for the steps; otherwise the steps use the options measured (an anytime search:
-    # with a time budget the result is a per-layer plan, not one layer changed).
-    rest = _affordable(ctx, rest, reserve=len(units))
-    ctx.evaluate([single(i, j) for i, j in rest])
+    # Measured in chunks while the budget leaves room for the uniform plans and some
+    # steps; the steps then use the options measured (an anytime search: under a time
+    # budget the result is a per-layer plan, not one layer changed).
+    pairs = core + rest
+    chunk = 2 * ctx.workers
+    while pairs and not ctx.exhausted:
+        now = _affordable(ctx, pairs[:chunk], reserve=len(units))
+        if not now:
+            break
+        ctx.evaluate([single(i, j) for i, j in now])
+        pairs = pairs[len(now) :]
 
     def accuracy_ok(metrics: Mapping[str, float]) -> bool:
         acc = metrics.get("accuracy")
         return floor is None or acc is None or acc >= floor - 1e-12
 
     rejected: set[tuple[int, int]] = set()
-    for i, u in enumerate(units):
-        for j in range(1, len(u.options)):
-            m = ctx.metrics(single(i, j))
-            # An option that fails, or breaks the accuracy budget on its own, will not
-            # do better in company.
-            if ctx.lookup(single(i, j)) is not None and (m is None or not accuracy_ok(m)):
-                rejected.add((i, j))
+
+    def reject_bad_alone() -> None:
+        for i, u in enumerate(units):
+            for j in range(1, len(u.options)):
+                m = ctx.metrics(single(i, j))
+                # An option that fails, or breaks the accuracy budget on its own, will
+                # not do better in company.
+                if ctx.lookup(single(i, j)) is not None and (m is None or not accuracy_ok(m)):
+                    rejected.add((i, j))
+
+    reject_bad_alone()
 
     # Uniform plans (one option everywhere it exists) as starting points: the per-layer
     # search then starts from the best single technique instead of from nothing, so it
@@ -128,6 +136,32 @@ def run(ctx: SearchContext, seed: int = 0, *, polish: bool = True, pair_limit: i
             if ctx.score(cand) < ctx.score(current):
                 current = cand
 
+    while True:
+        current = _steps(ctx, current, rejected, single, accuracy_ok)
+        if polish:
+            ctx.phase = "polish"
+            current = _polish(ctx, current, single, pair_limit)
+        if ctx.exhausted or not pairs:
+            return
+        # Budget left after the steps ran dry: measure more options alone, step again.
+        ctx.phase = "sensitivity"
+        more = _affordable(ctx, pairs[:chunk], reserve=0)
+        if not more:
+            return
+        ctx.evaluate([single(i, j) for i, j in more])
+        pairs = pairs[len(more) :]
+        reject_bad_alone()
+
+
+def _steps(
+    ctx: SearchContext,
+    current: tuple[int, ...],
+    rejected: set[tuple[int, int]],
+    single: Callable[[int, int], tuple[int, ...]],
+    accuracy_ok: Callable[[Mapping[str, float]], bool],
+) -> tuple[int, ...]:
+    """Phase 2-3 (see the module): steps from `current` until none is left; the plan."""
+    units, scorer, base = ctx.units, ctx.scorer, ctx.problem.baseline
     ctx.phase = "steps"
     while not ctx.exhausted:
         cur_metrics = ctx.metrics(current)
@@ -179,16 +213,16 @@ def run(ctx: SearchContext, seed: int = 0, *, polish: bool = True, pair_limit: i
         if taken is not None:
             logger.debug("greedy: took %s (score %.4f)", taken, ctx.score(taken))
             current = taken
-    if polish:
-        ctx.phase = "polish"
-        _polish(ctx, current, single, pair_limit)
+    return current
 
 
 def _sensitivity_order(units: list) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(core, rest): the (unit, option) pairs measured first — each unit's mildest
-    option of every technique family, what the steps take first — and the others."""
+    option of every technique family, what the steps take first, larger units first —
+    and the others."""
     core, rest = [], []
-    for i, u in enumerate(units):
+    for i in sorted(range(len(units)), key=lambda i: -units[i].share):
+        u = units[i]
         seen: set[str] = set()
         by_strength = sorted(range(1, len(u.options)), key=lambda j: (u.options[j].strength, j))
         for j in by_strength:
@@ -205,13 +239,15 @@ def _affordable(
     and `reserve` step evaluations, at the rate measured so far; all when unbounded."""
     budget = ctx.budget
     room = len(pairs)
-    uniform = len({o.label for u in ctx.units for o in u.options[1:]})
+    later = len({o.label for u in ctx.units for o in u.options[1:]}) + reserve
     if ctx.remaining is not None:
-        room = min(room, max(ctx.remaining - uniform - reserve, 0))
+        # At most a third of the whole budget is held back for later phases.
+        held = min(later, (budget.max_evaluations or 0) // 3)
+        room = min(room, max(ctx.remaining - held, 0))
     if budget.max_seconds is not None and ctx.evaluations:
         rate = ctx.elapsed / ctx.evaluations
-        left = budget.max_seconds - ctx.elapsed
-        room = min(room, max(int(left / rate) - uniform - reserve, 0))
+        held = min(later, int(budget.max_seconds / rate) // 3)
+        room = min(room, max(int((budget.max_seconds - ctx.elapsed) / rate) - held, 0))
     if room < len(pairs):
         logger.info(
             "greedy: budget leaves room to measure %d of %d further options alone", room, len(pairs)
@@ -224,7 +260,7 @@ def _polish(
     current: tuple[int, ...],
     single: Callable[[int, int], tuple[int, ...]],
     pair_limit: int,
-) -> None:
+) -> tuple[int, ...]:
     units, scorer, base = ctx.units, ctx.scorer, ctx.problem.baseline
     n = len(units)
     pairs = sum(len(u.options) - 1 for u in units) <= pair_limit
@@ -264,12 +300,13 @@ def _polish(
                     if value < cur_score - 1e-12 and (best is None or value < best[0]):
                         best = (value, a)
         if best is None:
-            return
+            return current
         target = best[1]
         if ctx.lookup(target) is None:
             ctx.evaluate([target])
             if ctx.lookup(target) is None:  # the budget ran out
-                return
+                return current
         if ctx.score(target) < ctx.score(current):
             logger.debug("greedy polish: took %s (score %.4f)", target, ctx.score(target))
             current = target
+    return current

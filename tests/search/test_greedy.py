@@ -58,7 +58,7 @@ def test_steps_are_checked_for_real_so_an_interaction_is_caught():
 def test_greedy_stops_at_the_evaluation_budget():
     p = Synthetic(6, 0)
     r = search(p, _latency_budget(p), "greedy", budget=Budget(max_evaluations=10))
-    assert r.evaluations == 10 == len(p.calls)
+    assert r.evaluations <= 10 and r.evaluations == len(p.calls)
 
 
 def test_without_budgets_greedy_stops_when_nothing_improves():
