@@ -141,10 +141,28 @@ def _predictor(
     if predictor is not None:
         return LatencyPredictor.load(predictor)
     path = predictor_path(target, threads=threads, cache_dir=_sub(cache_dir, "latency"))
-    return LatencyPredictor.load(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return LatencyPredictor.load(path)
+    except TailorError as e:
+        # A cached predictor from another tailor (its features changed) is not the
+        # user's doing: it is set aside, as if absent, and said so.
+        logger.warning("ignoring the cached latency predictor: %s", e)
+        return None
 
 
-def _learned(model: Model, predictor: LatencyPredictor) -> tuple[list[LayerCost], Estimate]:
+def _learned(
+    model: Model, target: Target, predictor: LatencyPredictor
+) -> tuple[list[LayerCost], Estimate]:
+    if not _runs_here(target):
+        # The features include what this machine's onnxruntime makes of each kernel.
+        logger.warning(
+            "the learned latency model reads kernels as this machine's onnxruntime runs them; "
+            "for %s (%s) that is an approximation",
+            target.name,
+            target.arch,
+        )
     (result,) = predictor.predict([model])
     meta = predictor.meta
     note = (
@@ -315,7 +333,7 @@ def estimate_latency(
                 f"{predictor_path(target, threads=threads, cache_dir=_sub(cache_dir, 'latency'))}; "
                 "train one (python -m benchmarks.cost_model) or pass predictor="
             )
-        return _learned(loaded, chosen)
+        return _learned(loaded, target, chosen)
     if source == "tvm-tuned":
         return _tvm_tuned(loaded, target, cache_dir)
     if source == "measured":

@@ -57,6 +57,12 @@ def _mod(value: int, m: int) -> float:
     return float(value > 0 and value % m == 0)
 
 
+def _pad(value: int, m: int) -> float:
+    """How much work padding `value` channels up to a block of `m` adds (1: none; 0: no
+    channels). NCHWc kernels compute whole blocks of 8 channels on AVX2."""
+    return 0.0 if value <= 0 else math.ceil(value / m) * m / value
+
+
 #: What onnxruntime's optimizer made of a kernel (`Kernel.runtime_ops`), counted by group.
 _RUNTIME = (
     "nchwc",
@@ -112,6 +118,15 @@ FEATURE_NAMES: tuple[str, ...] = (
     "cout",
     "cin_mod8",
     "cout_mod8",
+    "cin_mod4",
+    "cout_mod4",
+    "cin_mod16",
+    "cout_mod16",
+    "cin_pad8",
+    "cout_pad8",
+    "cin_per_group",
+    "cout_per_group",
+    "grouped",
     "kh",
     "kw",
     "stride",
@@ -123,6 +138,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "out_w",
     "in_h",
     "in_w",
+    "out_pixels",
+    "group_pixels",
     "gemm_m",
     "gemm_k",
     "gemm_n",
@@ -175,6 +192,16 @@ def features(k: Kernel) -> list[float]:
             "cout": float(k.cout),
             "cin_mod8": _mod(k.cin, 8),
             "cout_mod8": _mod(k.cout, 8),
+            "cin_mod4": _mod(k.cin, 4),
+            "cout_mod4": _mod(k.cout, 4),
+            "cin_mod16": _mod(k.cin, 16),
+            "cout_mod16": _mod(k.cout, 16),
+            "cin_pad8": _pad(k.cin, 8),
+            "cout_pad8": _pad(k.cout, 8),
+            "cin_per_group": k.cin / max(1, k.groups),
+            "cout_per_group": k.cout / max(1, k.groups),
+            # grouped but not depthwise: onnxruntime's integer kernels loop over groups
+            "grouped": float(k.groups > 1 and not (k.cin == k.groups == k.cout)),
             "kh": float(ks[-2] if len(ks) >= 2 else (1 if k.kernel_size else 0)),
             "kw": float(ks[-1]),
             "stride": float(max(k.strides, default=0)),
@@ -186,6 +213,10 @@ def features(k: Kernel) -> list[float]:
             "out_w": out_w,
             "in_h": in_h,
             "in_w": in_w,
+            "out_pixels": out_h * out_w,
+            # a per-group, per-pixel cost (grouped QLinearConv runs group by group) is
+            # a product trees cannot form from two splits
+            "group_pixels": max(1, k.groups) * out_h * out_w,
             "gemm_m": float(k.gemm[0]),
             "gemm_k": float(k.gemm[1]),
             "gemm_n": float(k.gemm[2]),

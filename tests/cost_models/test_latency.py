@@ -328,6 +328,15 @@ def test_auto_uses_a_cached_predictor_else_the_roofline(predictor, tmp_path):
         estimate_latency(model, "host", source="learned", cache_dir=tmp_path, threads=2)
 
 
+def test_an_outdated_cached_predictor_is_set_aside(tmp_path, caplog):
+    path = predictor_path("host", cache_dir=tmp_path / "latency")
+    path.parent.mkdir(parents=True)
+    path.write_text('{"format": "something else"}')
+    _, total = estimate_latency(make_model(POOL), "host", cache_dir=tmp_path)
+    assert total.source == "roofline"
+    assert "ignoring the cached latency predictor" in caplog.text
+
+
 # ------------------------------------------------------------------------ tvm-tuned
 def test_tvm_tuned_names_the_missing_tasks(tmp_path):
     pytest.importorskip("tvm")
