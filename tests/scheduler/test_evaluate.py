@@ -119,3 +119,22 @@ def test_per_sample_scores_average_to_the_score(digits):
         per = evaluator.per_sample(model)
         assert per.shape == (300,) and set(np.unique(per)) <= {0.0, 1.0}
         assert per.mean() == evaluator(model)
+
+
+def test_models_are_scored_as_deployed_with_graph_optimizations(digits, monkeypatch):
+    """Quantized graphs compute differently once onnxruntime fuses them into integer
+    kernels (saturation on CPUs without VNNI): the score must be of what will run."""
+    import tailor.evaluate as evaluate
+
+    model, x, y = digits
+    seen = []
+    real = evaluate.make_session
+
+    def spy(m, **kw):
+        seen.append(kw.get("optimize", False))
+        return real(m, **kw)
+
+    monkeypatch.setattr(evaluate, "make_session", spy)
+    TopOneAccuracy(x[:50], y[:50])(model)
+    Fidelity(model, x[:50])(model)
+    assert seen and all(seen)
