@@ -3,9 +3,11 @@ per-layer compression-ratio selection).
 
 1. Sensitivity: each option of each unit is evaluated alone (every other unit keeps).
    Its change from the baseline predicts what it does in any plan. Each unit's mildest
-   option of every technique family goes first; the others follow while the budget
-   (evaluations or seconds, at the rate measured) leaves room for the uniform plans and
-   the steps, so a budgeted search still ends with a per-layer plan.
+   option of every technique family goes first (larger units first), then the uniform
+   plans (below), then the other options, each phase while the budget (evaluations or
+   seconds, at the rate measured) leaves room for what follows, so a budgeted search
+   still ends with a per-layer plan; options left unmeasured are measured when the
+   steps run dry and budget remains.
 2. Steps: from the current plan, a step moves one unit to another option (stronger,
    or sideways to another technique: from the uniform start the best move is often to
    another family). Each step's effect on the plan is predicted additively from the
@@ -23,8 +25,8 @@ per-layer compression-ratio selection).
    no move is predicted to. Pairs are tried only while the space is small
    (`pair_limit`).
 
-Between sensitivity and steps, the uniform plans (one option on every unit that offers
-it) are evaluated and the best one within the accuracy budget, if it scores better than
+The uniform plans (one option on every unit that offers it) are evaluated after the
+mildest options, and the best one within the accuracy budget, if it scores better than
 keeping everything, is where the steps start. Every phase stops when the budget runs
 out.
 """
@@ -83,23 +85,41 @@ def run(ctx: SearchContext, seed: int = 0, *, polish: bool = True, pair_limit: i
     def single(i: int, j: int) -> tuple[int, ...]:
         return tuple(j if k == i else 0 for k in range(len(units)))
 
-    ctx.phase = "sensitivity"
-    core, rest = _sensitivity_order(units)
-    # Measured in chunks while the budget leaves room for the uniform plans and some
-    # steps; the steps then use the options measured (an anytime search: under a time
-    # budget the result is a per-layer plan, not one layer changed).
-    pairs = core + rest
-    chunk = 2 * ctx.workers
-    while pairs and not ctx.exhausted:
-        now = _affordable(ctx, pairs[:chunk], reserve=len(units))
-        if not now:
-            break
-        ctx.evaluate([single(i, j) for i, j in now])
-        pairs = pairs[len(now) :]
-
     def accuracy_ok(metrics: Mapping[str, float]) -> bool:
         acc = metrics.get("accuracy")
         return floor is None or acc is None or acc >= floor - 1e-12
+
+    chunk = 2 * ctx.workers
+
+    def measure_alone(pairs: list[tuple[int, int]], reserve: int) -> list[tuple[int, int]]:
+        """Measures options alone, in chunks, while the budget leaves `reserve`
+        evaluations for what follows (an anytime search: under a budget the result is
+        still a per-layer plan); returns the pairs left unmeasured."""
+        while pairs and not ctx.exhausted:
+            now = _affordable(ctx, pairs[:chunk], reserve=reserve)
+            if not now:
+                break
+            ctx.evaluate([single(i, j) for i, j in now])
+            pairs = pairs[len(now) :]
+        return pairs
+
+    # Each unit's mildest option per family first, then the uniform plans (one option
+    # everywhere it exists: the per-layer search starts from the best single technique,
+    # so it ends at least as good as every uniform plan it evaluated), then the other
+    # options, while the budget leaves room for the steps. A uniform plan builds every
+    # layer: until measured, it is counted as _UNIFORM_COST single options.
+    core, rest = _sensitivity_order(units)
+    uniform = _uniform_plans(units)
+    ctx.phase = "sensitivity"
+    left = measure_alone(core, reserve=len(units) + _UNIFORM_COST * len(uniform))
+    ctx.phase = "uniform"
+    current = ctx.keep
+    for cand, ev in zip(uniform, ctx.evaluate(uniform), strict=True):
+        if ev is not None and ev.metrics is not None and accuracy_ok(ev.metrics):
+            if ctx.score(cand) < ctx.score(current):
+                current = cand
+    ctx.phase = "sensitivity"
+    pairs = measure_alone(left + rest, reserve=len(units))
 
     rejected: set[tuple[int, int]] = set()
 
@@ -113,28 +133,6 @@ def run(ctx: SearchContext, seed: int = 0, *, polish: bool = True, pair_limit: i
                     rejected.add((i, j))
 
     reject_bad_alone()
-
-    # Uniform plans (one option everywhere it exists) as starting points: the per-layer
-    # search then starts from the best single technique instead of from nothing, so it
-    # ends at least as good as every uniform plan it could evaluate.
-    ctx.phase = "uniform"
-    current = ctx.keep
-    labels: dict[str, list[int]] = {}
-    for i, u in enumerate(units):
-        for j in range(1, len(u.options)):
-            labels.setdefault(u.options[j].label, []).append(i)
-    uniform = []
-    for label, members in labels.items():
-        if len(members) < 2:
-            continue
-        choice = [0] * len(units)
-        for i in members:
-            choice[i] = next(j for j, o in enumerate(units[i].options) if o.label == label)
-        uniform.append(tuple(choice))
-    for cand, ev in zip(uniform, ctx.evaluate(uniform), strict=True):
-        if ev is not None and ev.metrics is not None and accuracy_ok(ev.metrics):
-            if ctx.score(cand) < ctx.score(current):
-                current = cand
 
     while True:
         current = _steps(ctx, current, rejected, single, accuracy_ok)
@@ -216,6 +214,29 @@ def _steps(
     return current
 
 
+#: What a uniform plan (every layer built) is counted as, in single-option builds, before
+#: any is measured: on a ResNet-18 a uniform int8 or pruning plan took 4-8x one option.
+_UNIFORM_COST = 6
+
+
+def _uniform_plans(units: list) -> list[tuple[int, ...]]:
+    """One assignment per option label offered by at least two units: that option on
+    every unit offering it."""
+    labels: dict[str, list[int]] = {}
+    for i, u in enumerate(units):
+        for j in range(1, len(u.options)):
+            labels.setdefault(u.options[j].label, []).append(i)
+    out = []
+    for label, members in labels.items():
+        if len(members) < 2:
+            continue
+        choice = [0] * len(units)
+        for i in members:
+            choice[i] = next(j for j, o in enumerate(units[i].options) if o.label == label)
+        out.append(tuple(choice))
+    return out
+
+
 def _sensitivity_order(units: list) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(core, rest): the (unit, option) pairs measured first — each unit's mildest
     option of every technique family, what the steps take first, larger units first —
@@ -235,11 +256,11 @@ def _sensitivity_order(units: list) -> tuple[list[tuple[int, int]], list[tuple[i
 def _affordable(
     ctx: SearchContext, pairs: list[tuple[int, int]], *, reserve: int
 ) -> list[tuple[int, int]]:
-    """The leading `pairs` whose measurement leaves the budget room for the uniform plans
-    and `reserve` step evaluations, at the rate measured so far; all when unbounded."""
+    """The leading `pairs` whose measurement leaves the budget room for `reserve` more
+    evaluations (at most a third of it), at the rate measured so far; all when unbounded."""
     budget = ctx.budget
     room = len(pairs)
-    later = len({o.label for u in ctx.units for o in u.options[1:]}) + reserve
+    later = reserve
     if ctx.remaining is not None:
         # At most a third of the whole budget is held back for later phases.
         held = min(later, (budget.max_evaluations or 0) // 3)
