@@ -386,6 +386,8 @@ def _resnet18_onnx(path: Path, stem: str, seed: int) -> None:
     import torch
     from torch import nn
 
+    from tests.architectures import randomize_batchnorm
+
     def cbn(cin: int, cout: int, k: int, s: int) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout)]
 
@@ -407,13 +409,7 @@ def _resnet18_onnx(path: Path, stem: str, seed: int) -> None:
     for cin, cout, stride in ((64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)):
         blocks += [Block(cin, cout, stride), Block(cout, cout, 1)]
     model = nn.Sequential(*head, *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0.0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.2)
+    randomize_batchnorm(model)
     proto = bench_models._export(model.eval(), torch.randn(1, 3, 32, 32), {"model": "resnet18"})
     path.write_bytes(proto.SerializeToString())
 

@@ -88,6 +88,7 @@ from tailor.cost_models.latency_measure import (
 from tailor.ir.model import Model
 from tailor.ir.ort import random_inputs
 from tailor.targets import get_target
+from tests.helpers import ARCHITECTURE_NAMES
 
 __all__ = [
     "grouped_cv",
@@ -106,19 +107,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TRAIN_ARCHS = (
-    "resnet18",
-    "resnext",
-    "mobilenet_v2",
-    "mobilenet_v3",
-    "efficientnet_b0",
-    "densenet",
-    "shufflenet_v2",
-    "squeezenet",
-    "vgg",
-    "depthwise_multiplier",
-)
 HELD_ARCHS = ("resnet50", "googlenet")
+#: Every reference architecture of tests/architectures.py but the held-out ones.
+TRAIN_ARCHS = tuple(a for a in ARCHITECTURE_NAMES if a not in HELD_ARCHS)
 TRAINED = ("resnet", "vgg", "hapt")
 RESOLUTIONS = (32, 96)
 #: More input sizes of the training architectures, for training only (denser shapes).
@@ -252,29 +243,15 @@ def _quiet() -> contextlib.ExitStack:
 
 
 def _export(name: str, resolution: int) -> bytes:
-    """A reference architecture as ONNX (as tests/architectures.py exports it, at
-    another input resolution)."""
-    import torch
+    """A reference architecture as ONNX, exported as tests/architectures.py does, at
+    another input resolution."""
+    import tempfile
 
     from tests import architectures
 
-    model = architectures.build(name)
-    x = torch.randn(1, 3, resolution, resolution)
-    buffer = io.BytesIO()
-    with _quiet(), torch.no_grad():
-        torch.onnx.export(
-            model,
-            (x,),
-            buffer,
-            dynamo=False,
-            training=torch.onnx.TrainingMode.PRESERVE,
-            do_constant_folding=False,
-            opset_version=17,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-        )
-    return buffer.getvalue()
+    with tempfile.TemporaryDirectory(prefix="tailor-bench-export-") as tmp:
+        path = architectures.export(name, Path(tmp) / "model.onnx", resolution=resolution)
+        return path.read_bytes()
 
 
 def bases(quick: bool) -> list[Base]:

@@ -403,10 +403,9 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
 INPUT_SHAPES: dict[str, tuple[int, ...]] = {name: (1, 3, 32, 32) for name in ARCHITECTURES}
 
 
-def build(name: str, *, seed: int = 0) -> nn.Module:
-    """The architecture in eval mode, with random weights and random BatchNorm statistics."""
-    torch.manual_seed(seed)
-    model = ARCHITECTURES[name]()
+def randomize_batchnorm(model: nn.Module) -> nn.Module:
+    """Random BatchNorm statistics and affine terms (from torch's current seed), so that
+    folding them into the convolutions is not a no-op."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -414,19 +413,31 @@ def build(name: str, *, seed: int = 0) -> nn.Module:
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0.0, 0.2)
-    return model.eval()
+    return model
 
 
-def export(name: str, path: str | os.PathLike, *, seed: int = 0) -> Path:
+def build(name: str, *, seed: int = 0) -> nn.Module:
+    """The architecture in eval mode, with random weights and random BatchNorm statistics."""
+    torch.manual_seed(seed)
+    return randomize_batchnorm(ARCHITECTURES[name]()).eval()
+
+
+def export(
+    name: str, path: str | os.PathLike, *, seed: int = 0, resolution: int | None = None
+) -> Path:
     """Exports the architecture to ONNX (opset 17, dynamic batch) with BatchNorm kept.
 
     `TrainingMode.PRESERVE` without constant folding stops torch from folding BatchNorm
     into the preceding Conv itself, so tailor's own fold is what the tests exercise.
     Torch's export warnings are silenced: they concern torch's exporter, not the model.
+    `resolution` exports at another square input size than :data:`INPUT_SHAPES`.
     """
     path = Path(path)
     model = build(name, seed=seed)
-    x = torch.randn(*INPUT_SHAPES[name])
+    shape = INPUT_SHAPES[name]
+    if resolution is not None:
+        shape = (*shape[:2], resolution, resolution)
+    x = torch.randn(*shape)
     sink = io.StringIO()
     with (
         warnings.catch_warnings(),
