@@ -81,7 +81,6 @@ def upstream_keys(model: Model, names: Sequence[str]) -> dict[str, bytes | None]
     """For each tensor name, a digest of everything its values depend on (None when it
     cannot be cached)."""
     memo: dict[int, bytes | None] = {}
-    position: dict[int, int] = {}
 
     def tensor_key(t: gs.Tensor) -> bytes | None:
         if id(t) in memo:
@@ -107,16 +106,14 @@ def upstream_keys(model: Model, names: Sequence[str]) -> dict[str, bytes | None]
                 stack.append((cur, True))
                 stack.extend((i, False) for i in pending)
                 continue
-            memo[id(cur)] = _node_key(node, cur, memo, position)
+            memo[id(cur)] = _node_key(node, cur, memo)
         return memo[id(t)]
 
     tensors = model.tensors()
     return {n: tensor_key(tensors[n]) if n in tensors else None for n in names}
 
 
-def _node_key(
-    node: gs.Node, out: gs.Tensor, memo: Mapping[int, bytes | None], position: dict[int, int]
-) -> bytes | None:
+def _node_key(node: gs.Node, out: gs.Tensor, memo: Mapping[int, bytes | None]) -> bytes | None:
     inputs = [memo.get(id(i)) for i in node.inputs]
     if any(k is None for k in inputs):
         return None
