@@ -122,6 +122,15 @@ class _Progress:
     help="Processes that build candidates in parallel (timing stays one at a time).",
 )
 @click.option(
+    "--confirm",
+    type=click.IntRange(min=0),
+    default=6,
+    show_default=True,
+    metavar="N",
+    help="Check up to N of the search's best plans on the held-out labels, in its order, "
+    "and apply the first that meets the accuracy budget there (0: apply the search's best).",
+)
+@click.option(
     "--rpc", metavar="HOST:PORT", help="Measure candidates on boards behind this TVM RPC tracker."
 )
 @click.option("--key", metavar="NAME", help="The boards' key at the tracker (with --rpc).")
@@ -157,6 +166,7 @@ def compress_cmd(
     latency_source: str,
     seed: int,
     workers: int,
+    confirm: int,
     rpc: str | None,
     key: str | None,
     fresh: bool,
@@ -206,6 +216,7 @@ def compress_cmd(
             rpc=rpc,
             key=key,
             progress=progress,
+            confirm=confirm,
         )
     finally:
         progress.close()
@@ -222,6 +233,12 @@ def compress_cmd(
         b, r = base_m.get(key), res_m.get(key)
         if b is not None and r is not None:
             click.echo(f"  {key}: {b:.4g}{unit} -> {r:.4g}{unit}")
+    checks = plan.metrics["search"].get("confirmation") or []
+    if len(checks) > 1 and checks[-1]["holds"]:
+        click.echo(
+            f"the search's best {len(checks) - 1} plan(s) lost more accuracy on held-out data "
+            f"than the budget allows; applied its #{checks[-1]['rank'] + 1}"
+        )
     if plan.unmet:
         click.echo(f"budgets NOT met (closest plan found): {'; '.join(plan.unmet)}")
     else:

@@ -131,7 +131,9 @@ def write_report(result: CompressResult, units: Sequence[Unit], folder: Path) ->
     base, res = result.baseline, result.result
     points = [e.metrics for _, e in search.history if e.metrics is not None]
     files: dict[str, Path] = {}
-    png = _plot(points, search.metrics, base, folder / "pareto.png")
+    png = _plot(
+        points, plan.metrics.get("predicted") or search.metrics, base, folder / "pareto.png"
+    )
     sources = plan.metrics.get("sources", {})
     lines = [
         f"# tailor report: {plan.model_name or 'model'} on {plan.target}",
@@ -161,6 +163,12 @@ def write_report(result: CompressResult, units: Sequence[Unit], folder: Path) ->
         lines.append("**Not met** (the closest plan found is reported): " + "; ".join(plan.unmet))
     else:
         lines.append("**All budgets met** on held-out data.")
+    checks = plan.metrics.get("search", {}).get("confirmation") or []
+    if checks:
+        held = [c for c in checks if "change_held_out" in c]
+        told = ", ".join(f"#{c['rank'] + 1} {100 * c['change_held_out']:+.2f} points" for c in held)
+        lines += ["", f"Confirmation on held-out data (the search's best candidates in its "
+                  f"order, the first within the accuracy budget is applied): {told or 'keep'}."]  # fmt: skip
     lines += ["", "## Baseline and result", "", "| metric | baseline | result | ratio | source |",
               "|---|---:|---:|---:|---|"]  # fmt: skip
     for key, label, spec in _ROWS:
@@ -182,7 +190,7 @@ def write_report(result: CompressResult, units: Sequence[Unit], folder: Path) ->
               "|---|---|---|---|---:|---:|"]  # fmt: skip
     alone = _alone(result, units)
     base_acc, base_lat = base.get("accuracy"), base.get("latency")
-    chosen_by_unit = dict(enumerate(search.best))
+    chosen_by_unit = dict(enumerate(result.chosen or search.best))
     effects: dict[str, tuple[str, str]] = {}
     for i, unit in enumerate(units):
         c = chosen_by_unit.get(i, 0)

@@ -257,6 +257,8 @@ class SearchResult:
         evaluations: how many candidates were evaluated.
         seconds: wall time of the search.
         strategy: its name.
+        ranked: every successfully evaluated assignment (all-keep included) with its
+            metrics, best score first (what a confirmation on fresh data goes through).
     """
 
     best: Assignment
@@ -268,6 +270,7 @@ class SearchResult:
     evaluations: int
     seconds: float
     strategy: str
+    ranked: list[tuple[Assignment, dict[str, float]]] = field(default_factory=list)
 
 
 def active_costs(demands: Demands, baseline: Mapping[str, float]) -> list[str]:
@@ -408,7 +411,8 @@ class SearchContext:
 
     def result(self, strategy: str) -> SearchResult:
         seen = self.seen()
-        best, metrics = min(seen, key=lambda p: self.scorer.score(p[1]))  # first wins ties
+        ranked = sorted(seen, key=lambda p: self.scorer.score(p[1]))  # stable: first wins ties
+        best, metrics = ranked[0]
         return SearchResult(
             best=best,
             metrics=dict(metrics),
@@ -419,6 +423,7 @@ class SearchContext:
             evaluations=self.evaluations,
             seconds=time.monotonic() - self._start,
             strategy=strategy,
+            ranked=[(a, dict(m)) for a, m in ranked],
         )
 
 

@@ -27,8 +27,11 @@ per-layer compression-ratio selection).
 
 The uniform plans (one option on every unit that offers it) are evaluated after the
 mildest options, and the best one within the accuracy budget, if it scores better than
-keeping everything, is where the steps start. Every phase stops when the budget runs
-out.
+keeping everything, is where the steps start. A uniform plan that breaks only the
+accuracy budget but would score better is repaired first (:func:`_repair`: its most
+sensitive units backed off to milder options, AMC/NetAdapt run backwards), and becomes
+the start if the repaired plan really meets the budget and scores better. Every phase
+stops when the budget runs out.
 """
 
 from __future__ import annotations
@@ -119,7 +122,16 @@ def run(ctx: SearchContext, seed: int = 0, *, polish: bool = True, pair_limit: i
             if ctx.score(cand) < ctx.score(current):
                 current = cand
     ctx.phase = "sensitivity"
-    pairs = measure_alone(left + rest, reserve=len(units))
+    pairs = measure_alone(left + rest, reserve=len(units) + _UNIFORM_COST * _REPAIRS)
+
+    # A uniform plan that breaks only the accuracy budget is often strong everywhere but
+    # too much for a few sensitive units: repaired, it may beat every feasible start.
+    ctx.phase = "repair"
+    for start in _repairable(ctx, uniform, current)[:_REPAIRS]:
+        fixed = _repair(ctx, start, single, floor)
+        if fixed is not None and ctx.score(fixed) < ctx.score(current):
+            logger.debug("greedy: repaired %s into %s", start, fixed)
+            current = fixed
 
     rejected: set[tuple[int, int]] = set()
 
@@ -217,6 +229,100 @@ def _steps(
 #: What a uniform plan (every layer built) is counted as, in single-option builds, before
 #: any is measured: on a ResNet-18 a uniform int8 or pruning plan took 4-8x one option.
 _UNIFORM_COST = 6
+#: Uniform plans that break only the accuracy budget, repaired (best objective first).
+_REPAIRS = 2
+#: Evaluations spent on repairing one plan at most.
+_REPAIR_TRIES = 3
+
+
+def _repairable(
+    ctx: SearchContext, uniform: list[tuple[int, ...]], current: tuple[int, ...]
+) -> list[tuple[int, ...]]:
+    """The evaluated uniform plans that break the accuracy budget and no other, whose
+    objective beats `current`'s, best objective first."""
+    scorer = ctx.scorer
+    cur = ctx.metrics(current)
+    bar = scorer.objective(cur, clip=False) if cur is not None else float("inf")
+    found = []
+    for cand in uniform:
+        m = ctx.metrics(cand)
+        if m is None or scorer.feasible(m):
+            continue
+        short = scorer.shortfalls(m)
+        if short.get("accuracy", 0.0) <= 0 or any(
+            v > 0 for k, v in short.items() if k != "accuracy"
+        ):
+            continue
+        value = scorer.objective(m, clip=False)
+        if value < bar:
+            found.append((value, cand))
+    return [cand for _, cand in sorted(found)]
+
+
+def _repair(
+    ctx: SearchContext,
+    start: tuple[int, ...],
+    single: Callable[[int, int], tuple[int, ...]],
+    floor: float | None,
+    tries: int = _REPAIR_TRIES,
+) -> tuple[int, ...] | None:
+    """Backs a plan that breaks the accuracy budget off to one that meets it.
+
+    Units are moved to milder options (keep, or any other option measured alone) in the
+    order of the objective they give up per point of accuracy they win back, as the
+    sensitivities predict, until the plan is predicted within the budget; that plan is
+    evaluated, and the repair goes on from its real metrics if it still misses. A whole
+    plan usually loses more than the sum of its units' losses alone (they interact):
+    the recovery of a move is scaled by the plan's real loss over that sum.
+
+    Returns:
+        A plan within every budget, or None (no move left, the tries or budget spent).
+    """
+    if floor is None:
+        return None
+    units, scorer, base = ctx.units, ctx.scorer, ctx.problem.baseline
+    base_acc = base["accuracy"]
+    current = start
+    for attempt in range(tries + 1):
+        real = ctx.metrics(current)
+        if real is None:
+            return None
+        if scorer.feasible(real):
+            return current
+        if attempt == tries:
+            return None
+        alone = {i: ctx.metrics(single(i, j)) if j else dict(base) for i, j in enumerate(current)}
+        summed = sum(base_acc - m["accuracy"] for m in alone.values() if m is not None)
+        real_loss = base_acc - real["accuracy"]
+        scale = min(max(real_loss / summed, 0.5), 4.0) if summed > 1e-9 else 1.0
+        a, pred = list(current), dict(real)
+        while pred["accuracy"] < floor - 1e-12:
+            best = None
+            now = scorer.objective(pred, clip=False)
+            for i, u in enumerate(units):
+                old = alone[i]
+                if not a[i] or old is None:
+                    continue
+                for j in range(len(u.options)):
+                    new = dict(base) if j == 0 else ctx.metrics(single(i, j))
+                    if j == a[i] or new is None:
+                        continue
+                    won = scale * (new["accuracy"] - old["accuracy"])
+                    if won <= 1e-12:
+                        continue
+                    moved = _predict(pred, base, new, old)
+                    moved["accuracy"] = pred["accuracy"] + won
+                    ratio = (scorer.objective(moved, clip=False) - now) / won
+                    if best is None or ratio < best[0]:
+                        best = (ratio, i, j, moved, new)
+            if best is None:
+                return None
+            _, i, j, pred, alone[i] = best
+            a[i] = j
+        current = tuple(a)
+        if ctx.lookup(current) is None:
+            ctx.evaluate([current])
+    return None
 
 
 def _uniform_plans(units: list) -> list[tuple[int, ...]]:

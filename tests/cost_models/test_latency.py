@@ -291,7 +291,9 @@ def test_predictor_learns_and_survives_a_json_round_trip(predictor, tmp_path):
         assert p.total_ms == pytest.approx(s.total_ms, rel=0.35)  # it learned something
     path = predictor.save(tmp_path / "p" / "predictor.json")
     data = json.loads(path.read_text())
-    assert data["format"] == "tailor-latency-predictor/1" and data["features"] == list(FEATURE_NAMES)
+    assert data["format"] == "tailor-latency-predictor/1" and data["features"] == list(
+        FEATURE_NAMES
+    )
     assert "learner" in data["booster"]  # XGBoost's own JSON, not a pickle
     loaded = LatencyPredictor.load(path)
     after = loaded.predict([s.kernels for s in samples])

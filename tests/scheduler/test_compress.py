@@ -69,6 +69,13 @@ def test_greedy_plan_meets_the_budget_replays_and_reports(data, tmp_path):
     drop = result.baseline["accuracy_held_out"] - result.result["accuracy_held_out"]
     assert bool(plan.unmet) == (drop > 0.02 + 1e-12)
     assert all(v.startswith("accuracy") for v in plan.unmet)
+    # The search's candidates were checked on the held-out part; the applied one is the
+    # first that held there (its figure is the one measured on the applied model).
+    checks = plan.metrics["search"]["confirmation"]
+    assert checks and list(result.chosen) == checks[-1]["assignment"]
+    assert checks[-1]["holds"] == (not plan.unmet)
+    assert not any(c["holds"] for c in checks[:-1])
+    assert checks[-1]["accuracy_held_out"] == pytest.approx(result.result["accuracy_held_out"])
     assert result.result["latency"] < result.baseline["latency"]
     assert plan.metrics["sources"]["latency"] == "roofline"
     for name in ("model.onnx", "plan.yaml", "report.md", "pareto.png", "search-state.jsonl"):
@@ -125,9 +132,11 @@ def test_demands_steer_the_plan(data):
 
 
 def test_targets_with_different_cost_profiles_get_different_plans(data):
+    # What the search chooses (confirm=0): on the 180 held-out samples a 1-point budget
+    # is 1.8 samples, and the confirmation there leaves both targets one pruned group.
     demands = Demands.from_options(max_accuracy_drop="1%", weights="latency=1")
-    cpu = run(data, target="rpi4", demands=demands, space=COMPUTE)
-    gpu = run(data, target="jetson-nano", demands=demands, space=COMPUTE)
+    cpu = run(data, target="rpi4", demands=demands, space=COMPUTE, confirm=0)
+    gpu = run(data, target="jetson-nano", demands=demands, space=COMPUTE, confirm=0)
     assert cpu.plan.pipeline != gpu.plan.pipeline
 
 
@@ -209,3 +218,40 @@ def test_a_killed_search_ends_its_workers_and_keeps_its_state(tmp_path):
     assert not alive, [p.pid for p in alive]
     assert len(state.read_text().splitlines()) >= kept
     assert not (out / "model.onnx").exists()
+
+
+def test_confirmation_applies_the_first_candidate_that_holds_on_held_out_data():
+    from types import SimpleNamespace
+
+    from tailor.compress import _confirm
+
+    # The search ranks a, b, c (all within the budget there) before d (which is not);
+    # on held-out data a loses 3 points, b 1.5, c 0.5: c is the plan.
+    a, b, c, d = (1, 0), (0, 1), (1, 1), (2, 2)
+    searched = {a: 0.895, b: 0.894, c: 0.893, d: 0.5}
+    held = {a: 0.87, b: 0.885, c: 0.895, d: 0.5}
+    searched[(0, 0)] = 0.9
+    problem = SimpleNamespace(baseline={"accuracy": 0.9}, build=lambda x: x)
+    ranked = [(x, {"accuracy": searched[x]}) for x in (a, b, c, (0, 0), d)]
+    result = SimpleNamespace(ranked=ranked, best=a, metrics={"accuracy": searched[a]})
+    demands = Demands(max_accuracy_drop=0.01)
+    built = []
+
+    def held_eval(x):
+        built.append(x)
+        return held[x]
+
+    chosen, checks = _confirm(problem, result, held_eval, demands, 0.9)
+    assert chosen == c and built == [a, b, c]
+    assert [k["holds"] for k in checks] == [False, False, True]
+    assert checks[0]["change_held_out"] == pytest.approx(-0.03)
+    # None of the first two holds: the closer one is returned (and reported unmet).
+    built.clear()
+    chosen, checks = _confirm(problem, result, held_eval, demands, 0.9, limit=2)
+    assert chosen == b and len(checks) == 2 and built == [a, b]
+    # Keeping everything is reached before anything else holds: it is the plan.
+    held[c] = 0.85
+    chosen, checks = _confirm(problem, result, held_eval, demands, 0.9)
+    assert chosen == (0, 0) and checks[-1] == {"rank": 3, "assignment": [0, 0], "holds": True}
+    # Without an accuracy budget there is nothing to confirm.
+    assert _confirm(problem, result, held_eval, Demands(max_accuracy_drop=None), 0.9) == (a, [])
