@@ -4,10 +4,11 @@ per-layer compression-ratio selection).
 1. Sensitivity: each option of each unit is evaluated alone (every other unit keeps).
    Its change from the baseline predicts what it does in any plan. Each unit's mildest
    option of every technique family goes first (larger units first), then the uniform
-   plans (below), then the other options, each phase while the budget (evaluations or
-   seconds, at the rate measured) leaves room for what follows, so a budgeted search
-   still ends with a per-layer plan; options left unmeasured are measured when the
-   steps run dry and budget remains.
+   plans (below; the most promising first), then the other options. Under a budget
+   (evaluations or seconds, at the rate measured) each phase ends at its share of it
+   (`_PHASES`: 40 %, 60 %, 65 %, the repair 75 %), so a budgeted search still ends with
+   steps and a per-layer plan; options left unmeasured are measured when the steps run
+   dry and budget remains.
 2. Steps: from the current plan, a step moves one unit to another option (stronger,
    or sideways to another technique: from the uniform start the best move is often to
    another family). Each step's effect on the plan is predicted additively from the
@@ -94,13 +95,18 @@ def run(ctx: SearchContext, seed: int = 0, *, polish: bool = True, pair_limit: i
 
     chunk = 2 * ctx.workers
 
-    def measure_alone(pairs: list[tuple[int, int]], reserve: int) -> list[tuple[int, int]]:
-        """Measures options alone, in chunks, while the budget leaves `reserve`
-        evaluations for what follows (an anytime search: under a budget the result is
-        still a per-layer plan); returns the pairs left unmeasured."""
+    def measure_alone(pairs: list[tuple[int, int]], until: float) -> list[tuple[int, int]]:
+        """Measures options alone, in chunks, until `until` of the budget is used (an
+        anytime search: under a budget the result is still a per-layer plan); returns
+        the pairs left unmeasured."""
         while pairs and not ctx.exhausted:
-            now = _affordable(ctx, pairs[:chunk], reserve=reserve)
+            room = _room(ctx, until)
+            now = pairs[: chunk if room is None else min(chunk, room)]
             if not now:
+                logger.info(
+                    "greedy: the budget leaves no room to measure %d further options alone",
+                    len(pairs),
+                )
                 break
             ctx.evaluate([single(i, j) for i, j in now])
             pairs = pairs[len(now) :]
@@ -109,25 +115,35 @@ def run(ctx: SearchContext, seed: int = 0, *, polish: bool = True, pair_limit: i
     # Each unit's mildest option per family first, then the uniform plans (one option
     # everywhere it exists: the per-layer search starts from the best single technique,
     # so it ends at least as good as every uniform plan it evaluated), then the other
-    # options, while the budget leaves room for the steps. A uniform plan builds every
-    # layer: until measured, it is counted as _UNIFORM_COST single options.
+    # options, a repair of the uniform plans that lose too much, and the steps. Under a
+    # budget each phase ends at its share of it (_PHASES), so the steps get the rest.
     core, rest = _sensitivity_order(units)
     uniform = _uniform_plans(units)
     ctx.phase = "sensitivity"
-    left = measure_alone(core, reserve=len(units) + _UNIFORM_COST * len(uniform))
+    left = measure_alone(core, until=_PHASES["core"])
     ctx.phase = "uniform"
     current = ctx.keep
-    for cand, ev in zip(uniform, ctx.evaluate(uniform), strict=True):
+    for cand in _by_promise(ctx, uniform, single):
+        room = _room(ctx, _PHASES["uniform"])
+        if room is not None and room <= 0:
+            logger.info("greedy: the budget leaves no room for more uniform plans")
+            break
+        ev = ctx.evaluate([cand])[0]
         if ev is not None and ev.metrics is not None and accuracy_ok(ev.metrics):
             if ctx.score(cand) < ctx.score(current):
                 current = cand
     ctx.phase = "sensitivity"
-    pairs = measure_alone(left + rest, reserve=len(units) + _UNIFORM_COST * _REPAIRS)
+    pairs = left + rest
+    if not left:  # the other options only once every unit's mildest ones are known
+        pairs = measure_alone(pairs, until=_PHASES["rest"])
 
     # A uniform plan that breaks only the accuracy budget is often strong everywhere but
     # too much for a few sensitive units: repaired, it may beat every feasible start.
     ctx.phase = "repair"
     for start in _repairable(ctx, uniform, current)[:_REPAIRS]:
+        room = _room(ctx, _PHASES["repair"])
+        if room is not None and room <= 0:
+            break
         fixed = _repair(ctx, start, single, floor)
         if fixed is not None and ctx.score(fixed) < ctx.score(current):
             logger.debug("greedy: repaired %s into %s", start, fixed)
@@ -155,7 +171,8 @@ def run(ctx: SearchContext, seed: int = 0, *, polish: bool = True, pair_limit: i
             return
         # Budget left after the steps ran dry: measure more options alone, step again.
         ctx.phase = "sensitivity"
-        more = _affordable(ctx, pairs[:chunk], reserve=0)
+        room = _room(ctx, 1.0)
+        more = pairs[: chunk if room is None else min(chunk, room)]
         if not more:
             return
         ctx.evaluate([single(i, j) for i, j in more])
@@ -226,9 +243,9 @@ def _steps(
     return current
 
 
-#: What a uniform plan (every layer built) is counted as, in single-option builds, before
-#: any is measured: on a ResNet-18 a uniform int8 or pruning plan took 4-8x one option.
-_UNIFORM_COST = 6
+#: Under a budget, the share of it (evaluations or seconds) by which each phase ends at
+#: the latest: the steps, which make the plan per-layer, always get the last quarter.
+_PHASES = {"core": 0.4, "uniform": 0.6, "rest": 0.65, "repair": 0.75}
 #: Uniform plans that break only the accuracy budget, repaired (best objective first).
 _REPAIRS = 2
 #: Evaluations spent on repairing one plan at most.
@@ -359,27 +376,42 @@ def _sensitivity_order(units: list) -> tuple[list[tuple[int, int]], list[tuple[i
     return core, rest
 
 
-def _affordable(
-    ctx: SearchContext, pairs: list[tuple[int, int]], *, reserve: int
-) -> list[tuple[int, int]]:
-    """The leading `pairs` whose measurement leaves the budget room for `reserve` more
-    evaluations (at most a third of it), at the rate measured so far; all when unbounded."""
+def _room(ctx: SearchContext, until: float) -> int | None:
+    """How many more evaluations fit before `until` (a share) of the budget is used, at
+    the rate measured so far; None when the search has no budget."""
     budget = ctx.budget
-    room = len(pairs)
-    later = reserve
-    if ctx.remaining is not None:
-        # At most a third of the whole budget is held back for later phases.
-        held = min(later, (budget.max_evaluations or 0) // 3)
-        room = min(room, max(ctx.remaining - held, 0))
-    if budget.max_seconds is not None and ctx.evaluations:
-        rate = ctx.elapsed / ctx.evaluations
-        held = min(later, int(budget.max_seconds / rate) // 3)
-        room = min(room, max(int((budget.max_seconds - ctx.elapsed) / rate) - held, 0))
-    if room < len(pairs):
-        logger.info(
-            "greedy: budget leaves room to measure %d of %d further options alone", room, len(pairs)
-        )
-    return pairs[:room]
+    room: int | None = None
+    if budget.max_evaluations is not None:
+        room = math.floor(until * budget.max_evaluations + 1e-9) - ctx.evaluations
+    if budget.max_seconds is not None:
+        left = until * budget.max_seconds - ctx.elapsed
+        if ctx.evaluations:
+            by_time = math.floor(left / (ctx.elapsed / ctx.evaluations))
+        else:
+            by_time = 1 if left > 0 else 0  # no rate yet: one, to measure it
+        room = by_time if room is None else min(room, by_time)
+    return None if room is None else max(room, 0)
+
+
+def _by_promise(
+    ctx: SearchContext,
+    plans: list[tuple[int, ...]],
+    single: Callable[[int, int], tuple[int, ...]],
+) -> list[tuple[int, ...]]:
+    """`plans` ordered by the score the sensitivities predict for them (additively,
+    from the options measured alone; units not measured count as unchanged), so a
+    budget that cannot afford them all evaluates the promising ones."""
+    base = ctx.problem.baseline
+
+    def predicted(plan: tuple[int, ...]) -> float:
+        metrics = dict(base)
+        for i, j in enumerate(plan):
+            alone = ctx.metrics(single(i, j)) if j else None
+            if alone is not None:
+                metrics = _predict(metrics, base, alone, None)
+        return ctx.scorer.score(metrics, clip=False)
+
+    return sorted(plans, key=predicted)
 
 
 def _polish(
