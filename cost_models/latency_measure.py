@@ -36,6 +36,8 @@ __all__ = [
     "KernelProfile",
     "session_options",
     "time_model",
+    "Reference",
+    "time_relative",
     "ProfiledSession",
     "annotate",
     "profile_model",
@@ -138,6 +140,45 @@ def time_model(
         sess.run(None, feeds)
         times.append((time.perf_counter_ns() - start) / 1e6)
     return WholeTiming.of(times)
+
+
+class Reference:
+    """A model timed beside others (:func:`time_relative`): its session is kept."""
+
+    def __init__(self, model: Model, *, threads: int = 1, seed: int = 0):
+        self.threads = threads
+        self.session = _session(model, session_options(threads))
+        self.feeds = random_inputs(model, batch=1, seed=seed)
+
+
+def time_relative(
+    model: Model, reference: Reference, *, warmup: int = 10, runs: int = 60, blocks: int = 6
+) -> tuple[WholeTiming, WholeTiming]:
+    """Times `model` and `reference` in alternating blocks (`runs` each in all): the
+    machine's drift (clock ramps, neighbours) then hits both alike, and their ratio is
+    steadier than either figure. Returns (the model's timing, the reference's).
+
+    Raises:
+        UnsupportedModelError: onnxruntime cannot load the model.
+    """
+    sess = _session(model, session_options(reference.threads))
+    feeds = random_inputs(model, batch=1, seed=0)
+    for _ in range(warmup):
+        sess.run(None, feeds)
+        reference.session.run(None, reference.feeds)
+    per_block = max(1, runs // blocks)
+    mine: list[float] = []
+    theirs: list[float] = []
+    for _ in range(blocks):
+        for session, inputs, times in (
+            (sess, feeds, mine),
+            (reference.session, reference.feeds, theirs),
+        ):
+            for _ in range(per_block):
+                start = time.perf_counter_ns()
+                session.run(None, inputs)
+                times.append((time.perf_counter_ns() - start) / 1e6)
+    return WholeTiming.of(mine), WholeTiming.of(theirs)
 
 
 def _strip(name: str) -> str:

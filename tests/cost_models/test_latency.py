@@ -219,6 +219,24 @@ def test_measured_on_this_machine_is_labelled_and_adds_up():
     assert sum(values) <= total.value * 1.5
 
 
+def test_the_search_times_candidates_beside_a_reference():
+    from tailor.costing import cost_function
+
+    model = make_model(POOL)
+    costs = cost_function("host")
+    alone = costs(model)["latency"]
+    # The reference stands for the baseline, whose latency the search measured: a
+    # candidate's figure is that latency times its ratio to the reference, timed beside it.
+    costs.set_reference(model, 1000.0)
+    same = costs(model)["latency"]
+    assert costs.sources["latency"] == "measured"
+    assert 500.0 < same < 2000.0
+    assert alone < 100.0  # not a ratio: the model's own time
+    costs = cost_function("rpi4")  # not this machine: predicted, no reference kept
+    costs.set_reference(model, 1000.0)
+    assert costs(model)["latency"] < 100.0
+
+
 def test_annotate_records_what_onnxruntime_runs():
     conv, pool = annotate(make_model(POOL))
     assert any("Conv" in op for op in conv.runtime_ops)
