@@ -265,6 +265,10 @@ def _search_info(result: CompressResult, wall: float, budget: dict[str, Any]) ->
         "search_seconds": round(search.seconds, 1),
         "evaluations": search.evaluations,
         "failed_evaluations": sum(1 for _, ev in search.history if ev.metrics is None),
+        "options_alone": sum(1 for a, _ in search.history if sum(c != 0 for c in a) == 1),
+        "options_alone_seconds": round(
+            sum(ev.seconds for a, ev in search.history if sum(c != 0 for c in a) == 1), 1
+        ),
         "stopped_by_budget": bool(stopped_by_budget),
         "feasible_in_search": search.feasible,
         "unmet_held_out": list(result.plan.unmet),

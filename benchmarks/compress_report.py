@@ -50,15 +50,19 @@ def _search_line(name: str, info: dict[str, Any]) -> str:
 
 
 def _extrapolation(info: dict[str, Any], s: dict[str, Any]) -> str:
-    """For a search its budget stopped within the sensitivity phase: how long the sensitivity phase alone would take
-    at the measured rate (an estimate, labelled so)."""
-    if not s["stopped_by_budget"] or not s["evaluations"] or s["evaluations"] >= info["options"]:
+    """For a search its budget stopped: how many options it measured alone, and how long
+    all of them would take at the measured rate (an estimate, labelled so)."""
+    if not s["stopped_by_budget"] or not s["evaluations"] or "options_alone" not in s:
         return ""
-    rate = s["search_seconds"] / s["evaluations"]
+    alone, plans = s["options_alone"], s["evaluations"] - s["options_alone"]
+    if not alone:
+        return ""
+    rate = s.get("options_alone_seconds", s["search_seconds"]) / alone
     return (
-        f"; at the measured {rate:.1f} s per evaluation, greedy's sensitivity phase alone "
-        f"({info['options']} evaluations) would take about {info['options'] * rate / 60:.0f} min "
-        "(extrapolated, not measured)"
+        f"; it measured {alone} of the {info['options']} options alone and {plans} "
+        f"multi-layer plans (uniform, repaired, steps, polish); every option alone would take "
+        f"about {info['options'] * rate / 60:.0f} min at the measured {rate:.1f} s per "
+        "option (extrapolated, not measured)"
     )
 
 
