@@ -8,7 +8,7 @@ offline datasets of benchmarks/data.py). Run from the repository root::
 
     python -m benchmarks.compress [--models resnet,vgg,hapt,resnet18] [--quick]
                                   [--max-evaluations 120] [--max-seconds S]
-                                  [--r18-max-seconds 600] [--strategy greedy]
+                                  [--r18-max-seconds 420] [--strategy greedy]
 
 Protocol, per trained model:
 
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", default="latency=0.5,storage=0.25,accuracy=0.25")
     parser.add_argument("--max-evaluations", type=int, default=120)
     parser.add_argument("--max-seconds", type=float, default=None)
-    parser.add_argument("--r18-max-seconds", type=float, default=600.0)
+    parser.add_argument("--r18-max-seconds", type=float, default=420.0)
     parser.add_argument("--r18-max-evaluations", type=int, default=None)
     parser.add_argument("--r18-stem", choices=("imagenet", "cifar"), default="imagenet")
     parser.add_argument("--r18-calib", type=int, default=512)
