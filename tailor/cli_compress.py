@@ -105,7 +105,8 @@ class _Progress:
     "--max-time",
     type=click.FloatRange(min=1),
     metavar="SECONDS",
-    help="Stop the search after this long.",
+    help="Stop the search after this long (loading, confirming and applying the plan come "
+    "on top: about 100 s more for a ResNet-18).",
 )
 @click.option(
     "--latency-source",
