@@ -24,6 +24,13 @@ def _verdict(plan: dict[str, Any], other: dict[str, Any]) -> str:
     )
 
 
+def _against_best(plan: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[str, int]:
+    """The plan's verdict against the best of `rows` by objective, and how many of them
+    it beats."""
+    best = min(rows, key=lambda r: r["objective"])
+    return _verdict(plan, best), sum(plan["objective"] < r["objective"] for r in rows)
+
+
 def _search_line(name: str, info: dict[str, Any]) -> str:
     s = info.get("search")
     if not s:
@@ -94,11 +101,10 @@ def checks(payload: dict[str, Any]) -> list[str]:
         singles = [r for r in ok if r["kind"] == "single"]
         within = [r for r in singles if r["meets_budget"]]
         if within:
-            best = min(within, key=lambda r: r["objective"])
-            beaten = sum(plan["objective"] < r["objective"] for r in within)
+            verdict, beaten = _against_best(plan, within)
             lines.append(
                 f"- {name}: against the best uniform single technique within the budget, the "
-                f"plan {_verdict(plan, best)}; it beats {beaten} of the {len(within)} single "
+                f"plan {verdict}; it beats {beaten} of the {len(within)} single "
                 f"techniques within the budget and "
                 f"{sum(plan['objective'] < r['objective'] for r in singles)} of all {len(singles)}"
             )
@@ -106,12 +112,11 @@ def checks(payload: dict[str, Any]) -> list[str]:
             lines.append(f"- {name}: no uniform single technique meets the budget")
         chosen = [r for r in singles if r.get("meets_budget_search_half")]
         if chosen and "meets_budget_search_half" in plan:
-            best = min(chosen, key=lambda r: r["objective"])
-            beaten = sum(plan["objective"] < r["objective"] for r in chosen)
+            verdict, beaten = _against_best(plan, chosen)
             lines.append(
                 f"- {name}: against the best uniform single technique a user could pick on the "
                 f"search half (within the budget there: the data compress had), the plan "
-                f"{_verdict(plan, best)}; it beats {beaten} of those {len(chosen)}"
+                f"{verdict}; it beats {beaten} of those {len(chosen)}"
             )
         for kind in ("peer", "same-macs"):
             other = next((r for r in ok if r["kind"] == kind), None)

@@ -347,8 +347,8 @@ def _confirm(
     Returns:
         (the assignment, one record per candidate checked).
     """
-    scorer_floor = demands.accuracy_floor(base_held)
-    if scorer_floor is None or limit <= 0:
+    floor = demands.accuracy_floor(base_held)
+    if floor is None or limit <= 0:
         return result.best, []
     feasible = [
         a for a, m in result.ranked if not demands.violations(m, problem.baseline["accuracy"])
@@ -368,7 +368,7 @@ def _confirm(
         except TailorError as e:  # built in the search, so this is unexpected: skip it
             logger.warning("confirmation: candidate %s failed to build: %s", assignment, e)
             continue
-        holds = held >= scorer_floor - 1e-12
+        holds = held >= floor - 1e-12
         checks.append(
             {
                 "rank": rank,
@@ -527,6 +527,7 @@ def compress(
     else:  # a user's evaluator: no data of its own to confirm on
         chosen, checks = result.best, []
     chosen_metrics = dict(dict(result.ranked).get(chosen, result.metrics))
+    unmet_in_search = demands.violations(chosen_metrics, problem.baseline["accuracy"])
     layers_plan = assignment_layers(fused, units, chosen)
     plan = Plan(
         layers=layers_plan,
@@ -555,10 +556,8 @@ def compress(
             "strategy": strategy,
             "evaluations": result.evaluations,
             "seconds": round(time.perf_counter() - start, 2),
-            "feasible_in_search": not demands.violations(
-                chosen_metrics, problem.baseline["accuracy"]
-            ),
-            "unmet_in_search": demands.violations(chosen_metrics, problem.baseline["accuracy"]),
+            "feasible_in_search": not unmet_in_search,
+            "unmet_in_search": unmet_in_search,
             "confirmation": checks,
         },
     }

@@ -122,9 +122,14 @@ class CostFunction:
         blocks) and given as `latency_ms` times their ratio to it: a search compares
         candidates with the baseline, and the ratio is immune to the machine's drift
         (on the 2-core VM, the same ResNet read 0.63 to 0.84 ms over one search)."""
-        native = self.target.device_type == "cpu" and self.target.is_native
-        if self.rpc is None and native and self.latency_source in ("auto", "measured"):
+        if self._timed_here:
             self._reference = (Reference(model, threads=self.threads), float(latency_ms))
+
+    @property
+    def _timed_here(self) -> bool:
+        """Latency is timed with onnxruntime on this machine (not predicted, not on boards)."""
+        native = self.target.device_type == "cpu" and self.target.is_native
+        return self.rpc is None and native and self.latency_source in ("auto", "measured")
 
     def _latency(self, model: Model) -> Estimate:
         if self.rpc is not None:
@@ -140,8 +145,7 @@ class CostFunction:
                 runs=self.runs,
             )
             return estimate
-        native = self.target.device_type == "cpu" and self.target.is_native
-        if self.latency_source in ("auto", "measured") and native and self._reference:
+        if self._reference is not None:  # only set where latency is timed here
             reference, reference_ms = self._reference
             mine, theirs = time_relative(model, reference, runs=self.runs)
             return Estimate(
@@ -151,7 +155,7 @@ class CostFunction:
                 f"onnxruntime, 10th percentile of {mine.runs} runs over the reference's, "
                 "timed in alternating blocks, times the reference's latency",
             )
-        if self.latency_source in ("auto", "measured") and native:
+        if self._timed_here:
             # Whole-model time only: the scheduler needs no per-kernel profile.
             timing = time_model(model, threads=self.threads, runs=self.runs)
             # The 10th percentile, not the median: on a busy machine the median of one

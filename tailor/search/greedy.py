@@ -100,8 +100,7 @@ def run(ctx: SearchContext, seed: int = 0, *, polish: bool = True, pair_limit: i
         anytime search: under a budget the result is still a per-layer plan); returns
         the pairs left unmeasured."""
         while pairs and not ctx.exhausted:
-            room = _room(ctx, until)
-            now = pairs[: chunk if room is None else min(chunk, room)]
+            now = _chunk(ctx, pairs, until, chunk)
             if not now:
                 logger.info(
                     "greedy: the budget leaves no room to measure %d further options alone",
@@ -124,8 +123,7 @@ def run(ctx: SearchContext, seed: int = 0, *, polish: bool = True, pair_limit: i
     ctx.phase = "uniform"
     current = ctx.keep
     for cand in _by_promise(ctx, uniform, single):
-        room = _room(ctx, _PHASES["uniform"])
-        if room is not None and room <= 0:
+        if _spent(ctx, _PHASES["uniform"]):
             logger.info("greedy: the budget leaves no room for more uniform plans")
             break
         ev = ctx.evaluate([cand])[0]
@@ -141,8 +139,7 @@ def run(ctx: SearchContext, seed: int = 0, *, polish: bool = True, pair_limit: i
     # too much for a few sensitive units: repaired, it may beat every feasible start.
     ctx.phase = "repair"
     for start in _repairable(ctx, uniform, current)[:_REPAIRS]:
-        room = _room(ctx, _PHASES["repair"])
-        if room is not None and room <= 0:
+        if _spent(ctx, _PHASES["repair"]):
             break
         fixed = _repair(ctx, start, single, floor)
         if fixed is not None and ctx.score(fixed) < ctx.score(current):
@@ -171,8 +168,7 @@ def run(ctx: SearchContext, seed: int = 0, *, polish: bool = True, pair_limit: i
             return
         # Budget left after the steps ran dry: measure more options alone, step again.
         ctx.phase = "sensitivity"
-        room = _room(ctx, 1.0)
-        more = pairs[: chunk if room is None else min(chunk, room)]
+        more = _chunk(ctx, pairs, 1.0, chunk)
         if not more:
             return
         ctx.evaluate([single(i, j) for i, j in more])
@@ -391,6 +387,20 @@ def _room(ctx: SearchContext, until: float) -> int | None:
             by_time = 1 if left > 0 else 0  # no rate yet: one, to measure it
         room = by_time if room is None else min(room, by_time)
     return None if room is None else max(room, 0)
+
+
+def _spent(ctx: SearchContext, until: float) -> bool:
+    """Whether `until` (a share) of the budget is used up, at the rate measured so far."""
+    room = _room(ctx, until)
+    return room is not None and room <= 0
+
+
+def _chunk(
+    ctx: SearchContext, pairs: list[tuple[int, int]], until: float, size: int
+) -> list[tuple[int, int]]:
+    """The leading `pairs`, at most `size`, that fit before `until` of the budget."""
+    room = _room(ctx, until)
+    return pairs[: size if room is None else min(size, room)]
 
 
 def _by_promise(
