@@ -6,8 +6,9 @@ Two kinds of unit:
   with least-squares channel selection and re-fit. Coupled layers are decided together,
   because pruning one of them prunes all.
 - a **layer**: keep, a factorization that fits its shape (tucker2 for a k x k
-  convolution, and spatial_svd (k x 1 then 1 x k); svd for a fully connected layer), int8 quantization, a composition of the
-  two (factorize then quantize), or a storage pass (4-bit weights, a 16-entry codebook).
+  convolution, and spatial_svd (k x 1 then 1 x k); svd for a fully connected layer),
+  int8 quantization, a storage pass (4-bit weights, a 16-entry codebook), or the mildest
+  factorization composed with int8 or with 4-bit weights.
 
 An option's payload maps each layer it touches to the ordered :class:`~tailor.plan.Step`
 list, so an assignment (one option per unit) becomes a :class:`~tailor.plan.Plan`
@@ -53,7 +54,7 @@ FEATURES = (
 class SpaceConfig:
     """Which options the space offers (the CLI's defaults)."""
 
-    prune_ratios: tuple[float, ...] = (0.25, 0.5)
+    prune_ratios: tuple[float, ...] = (0.25, 0.375, 0.5)
     tucker_ranks: tuple[float, ...] = (0.5, 0.25)
     spatial_ranks: tuple[float, ...] = (0.5,)
     svd_ranks: tuple[float, ...] = (0.5, 0.25)
@@ -118,21 +119,26 @@ def _layer_options(layer: Layer, config: SpaceConfig, total_macs: int) -> list[O
             factor.append((f"svd(rank={r})", 1.0 - r, Step.of("svd", rank=r)))
     for label, strength, step in factor:
         options.append(_option(label, strength * 0.8, {name: [step]}))
+    int8 = Step.of("quantize", mode="int8")
+    bits4 = Step.of("quantize_weights", bits=4)
     if config.quantize:
-        int8 = Step.of("quantize", mode="int8")
         options.append(_option("quantize(int8)", 0.5, {name: [int8]}))
-        if config.compose:
-            for label, strength, step in factor[:1]:
-                options.append(
-                    _option(f"{label}+int8", min(1.0, strength + 0.3), {name: [step, int8]})
-                )
     if config.storage:
-        options.append(
-            _option("quantize_weights(bits=4)", 0.4, {name: [Step.of("quantize_weights", bits=4)]})
-        )
+        options.append(_option("quantize_weights(bits=4)", 0.4, {name: [bits4]}))
         options.append(
             _option("cluster_weights(16)", 0.4, {name: [Step.of("cluster_weights", clusters=16)]})
         )
+    # The mildest factorization composed with int8 (faster where integer kernels are) or
+    # with 4-bit weights (as fast as the factorization, a quarter of its storage): a
+    # factorized layer cannot take a storage or int8 option as well otherwise, and a
+    # uniform factorization would beat every plan on storage.
+    for label, strength, step in factor[:1] if config.compose else []:
+        if config.quantize:
+            options.append(_option(f"{label}+int8", min(1.0, strength + 0.3), {name: [step, int8]}))
+        if config.storage:
+            options.append(
+                _option(f"{label}+4bit", min(1.0, strength + 0.2), {name: [step, bits4]})
+            )
     return options
 
 

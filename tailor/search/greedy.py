@@ -138,7 +138,7 @@ def run(ctx: SearchContext, seed: int = 0, *, polish: bool = True, pair_limit: i
     # A uniform plan that breaks only the accuracy budget is often strong everywhere but
     # too much for a few sensitive units: repaired, it may beat every feasible start.
     ctx.phase = "repair"
-    for start in _repairable(ctx, uniform, current)[:_REPAIRS]:
+    for start in _repairable(ctx, uniform, current, single, floor)[:_REPAIRS]:
         if _spent(ctx, _PHASES["repair"]):
             break
         fixed = _repair(ctx, start, single, floor)
@@ -242,17 +242,24 @@ def _steps(
 #: Under a budget, the share of it (evaluations or seconds) by which each phase ends at
 #: the latest: the steps, which make the plan per-layer, always get the last quarter.
 _PHASES = {"core": 0.4, "uniform": 0.6, "rest": 0.65, "repair": 0.75}
-#: Uniform plans that break only the accuracy budget, repaired (best objective first).
+#: Uniform plans that break only the accuracy budget, repaired (best predicted repair first).
 _REPAIRS = 2
 #: Evaluations spent on repairing one plan at most.
 _REPAIR_TRIES = 3
 
 
 def _repairable(
-    ctx: SearchContext, uniform: list[tuple[int, ...]], current: tuple[int, ...]
+    ctx: SearchContext,
+    uniform: list[tuple[int, ...]],
+    current: tuple[int, ...],
+    single: Callable[[int, int], tuple[int, ...]],
+    floor: float | None,
 ) -> list[tuple[int, ...]]:
-    """The evaluated uniform plans that break the accuracy budget and no other, whose
-    objective beats `current`'s, best objective first."""
+    """The evaluated uniform plans that break the accuracy budget and no other and whose
+    back-off (:func:`_back_off`, predicted) would beat `current`, in the order of that
+    predicted objective: a plan far beyond the budget (tucker2 at rank 0.25) may score
+    best as it is, yet keep little once enough units are backed off, while one a point
+    over it (tucker2 at 0.5 with 4-bit weights) needs two."""
     scorer = ctx.scorer
     cur = ctx.metrics(current)
     bar = scorer.objective(cur, clip=False) if cur is not None else float("inf")
@@ -266,10 +273,67 @@ def _repairable(
             v > 0 for k, v in short.items() if k != "accuracy"
         ):
             continue
-        value = scorer.objective(m, clip=False)
-        if value < bar:
+        if scorer.objective(m, clip=False) >= bar:
+            continue
+        backed = _back_off(ctx, cand, m, single, floor)
+        if backed is None:
+            continue
+        value = scorer.objective(backed[1], clip=False)
+        if value < bar - 1e-9:  # the plan in hand again, added up in another order: no
             found.append((value, cand))
     return [cand for _, cand in sorted(found)]
+
+
+def _back_off(
+    ctx: SearchContext,
+    plan: tuple[int, ...],
+    real: Mapping[str, float],
+    single: Callable[[int, int], tuple[int, ...]],
+    floor: float | None,
+) -> tuple[tuple[int, ...], dict[str, float]] | None:
+    """`plan` (with its real metrics) backed off until the sensitivities predict it
+    within the accuracy budget: units moved to milder options (keep, or any other
+    option measured alone) in the order of the objective they give up per point of
+    accuracy they win back. A whole plan usually loses more than the sum of its units'
+    losses alone (they interact): the recovery of a move is scaled by the plan's real
+    loss over that sum.
+
+    Returns:
+        (assignment, predicted metrics), or None (no budget, or no move left).
+    """
+    if floor is None:
+        return None
+    units, scorer, base = ctx.units, ctx.scorer, ctx.problem.baseline
+    base_acc = base["accuracy"]
+    alone = {i: ctx.metrics(single(i, j)) if j else dict(base) for i, j in enumerate(plan)}
+    summed = sum(base_acc - m["accuracy"] for m in alone.values() if m is not None)
+    real_loss = base_acc - real["accuracy"]
+    scale = min(max(real_loss / summed, 0.5), 4.0) if summed > 1e-9 else 1.0
+    a, pred = list(plan), dict(real)
+    while pred["accuracy"] < floor - 1e-12:
+        best = None
+        now = scorer.objective(pred, clip=False)
+        for i, u in enumerate(units):
+            old = alone[i]
+            if not a[i] or old is None:
+                continue
+            for j in range(len(u.options)):
+                new = dict(base) if j == 0 else ctx.metrics(single(i, j))
+                if j == a[i] or new is None:
+                    continue
+                won = scale * (new["accuracy"] - old["accuracy"])
+                if won <= 1e-12:
+                    continue
+                moved = _predict(pred, base, new, old)
+                moved["accuracy"] = pred["accuracy"] + won
+                ratio = (scorer.objective(moved, clip=False) - now) / won
+                if best is None or ratio < best[0]:
+                    best = (ratio, i, j, moved, new)
+        if best is None:
+            return None
+        _, i, j, pred, alone[i] = best
+        a[i] = j
+    return tuple(a), pred
 
 
 def _repair(
@@ -279,60 +343,26 @@ def _repair(
     floor: float | None,
     tries: int = _REPAIR_TRIES,
 ) -> tuple[int, ...] | None:
-    """Backs a plan that breaks the accuracy budget off to one that meets it.
-
-    Units are moved to milder options (keep, or any other option measured alone) in the
-    order of the objective they give up per point of accuracy they win back, as the
-    sensitivities predict, until the plan is predicted within the budget; that plan is
-    evaluated, and the repair goes on from its real metrics if it still misses. A whole
-    plan usually loses more than the sum of its units' losses alone (they interact):
-    the recovery of a move is scaled by the plan's real loss over that sum.
+    """Backs a plan that breaks the accuracy budget off to one that meets it
+    (:func:`_back_off`); the backed-off plan is evaluated, and the repair goes on from
+    its real metrics while it still misses.
 
     Returns:
         A plan within every budget, or None (no move left, the tries or budget spent).
     """
-    if floor is None:
-        return None
-    units, scorer, base = ctx.units, ctx.scorer, ctx.problem.baseline
-    base_acc = base["accuracy"]
     current = start
     for attempt in range(tries + 1):
         real = ctx.metrics(current)
         if real is None:
             return None
-        if scorer.feasible(real):
+        if ctx.scorer.feasible(real):
             return current
         if attempt == tries:
             return None
-        alone = {i: ctx.metrics(single(i, j)) if j else dict(base) for i, j in enumerate(current)}
-        summed = sum(base_acc - m["accuracy"] for m in alone.values() if m is not None)
-        real_loss = base_acc - real["accuracy"]
-        scale = min(max(real_loss / summed, 0.5), 4.0) if summed > 1e-9 else 1.0
-        a, pred = list(current), dict(real)
-        while pred["accuracy"] < floor - 1e-12:
-            best = None
-            now = scorer.objective(pred, clip=False)
-            for i, u in enumerate(units):
-                old = alone[i]
-                if not a[i] or old is None:
-                    continue
-                for j in range(len(u.options)):
-                    new = dict(base) if j == 0 else ctx.metrics(single(i, j))
-                    if j == a[i] or new is None:
-                        continue
-                    won = scale * (new["accuracy"] - old["accuracy"])
-                    if won <= 1e-12:
-                        continue
-                    moved = _predict(pred, base, new, old)
-                    moved["accuracy"] = pred["accuracy"] + won
-                    ratio = (scorer.objective(moved, clip=False) - now) / won
-                    if best is None or ratio < best[0]:
-                        best = (ratio, i, j, moved, new)
-            if best is None:
-                return None
-            _, i, j, pred, alone[i] = best
-            a[i] = j
-        current = tuple(a)
+        backed = _back_off(ctx, current, real, single, floor)
+        if backed is None:
+            return None
+        current = backed[0]
         if ctx.lookup(current) is None:
             ctx.evaluate([current])
     return None

@@ -122,3 +122,86 @@ def test_uniform_plans_go_in_the_order_the_sensitivities_promise():
     # prune 60 % saves the most time: with every option measured it would go first; here
     # only the mildest ones were (prune 30 %, int8), and prune 30 % saves less than int8.
     assert uniform[0] == (3,) * 6
+
+
+def test_a_uniform_plan_that_breaks_the_accuracy_budget_is_repaired():
+    # int8 everywhere is the best plan by far, but two units lose 3 points each with it;
+    # every other option costs more than the budget on every unit. The repair backs the
+    # two sensitive units off and the plan keeps int8 on the rest.
+    p = Synthetic(6, 0)
+    p.loss[:, 1:3] = 0.05
+    p.loss[:, 3] = 0.001
+    p.loss[[1, 4], 3] = 0.03
+    d = Demands(max_accuracy_drop=0.02, weights={"latency": 0.5, "storage": 0.5})
+    r = search(p, d, "greedy")
+    tried = [a for a, _ in r.history]
+    # 18 options alone and 3 uniform plans; int8 everywhere breaks the budget ...
+    assert sum(sum(c != 0 for c in a) == 1 for a in tried[:21]) == 18
+    assert not d.accuracy_floor(0.9) <= r.history[tried.index((3,) * 6)][1].metrics["accuracy"]
+    # ... and is repaired with one evaluation, before any step.
+    assert tried[21] == (3, 0, 3, 3, 0, 3)
+    assert r.feasible and r.best == (3, 0, 3, 3, 0, 3)
+    best, best_score = brute_force(p, d)
+    assert r.best == best and true_score(p, d, r.metrics) == pytest.approx(best_score)
+
+
+def test_repair_scales_its_prediction_by_the_interaction_it_saw():
+    from tailor.search.greedy import _repair
+
+    # Alone each unit's int8 loses 0.4 points, together 8 units lose 6 points (not 3.2):
+    # the repair must back off more units than the additive prediction says.
+    class Interacting(Synthetic):
+        def metrics(self, a):
+            m = super().metrics(a)
+            k = sum(c == 3 for c in a)
+            m["accuracy"] -= 0.0035 * max(k - 1, 0)
+            return m
+
+    p = Interacting(8, 0)
+    p.loss[:, 3] = 0.004
+    d = Demands(max_accuracy_drop=0.02)
+    from tailor.search.base import SearchContext
+
+    ctx = SearchContext(p, d)
+    ctx.evaluate([(3,) * 8] + [tuple(3 if k == i else 0 for k in range(8)) for i in range(8)])
+
+    def single(i, j):
+        return tuple(j if k == i else 0 for k in range(8))
+
+    fixed = _repair(ctx, (3,) * 8, single, d.accuracy_floor(p.baseline["accuracy"]))
+    assert fixed is not None and ctx.scorer.feasible(ctx.metrics(fixed))
+    # One evaluation sufficed: the scaled prediction was right the first time.
+    assert len(ctx.history) == 10 and 0 < sum(c == 3 for c in fixed) < 8
+
+
+def test_only_plans_whose_back_off_promises_a_better_plan_are_repaired():
+    from tailor.search.base import SearchContext
+    from tailor.search.greedy import _back_off, _repairable
+
+    # Prune 0.3 everywhere loses 1.8 points (within the 2-point budget); int8
+    # everywhere scores better as it is but loses 7.2. Every unit backed off from int8
+    # (to keep or to prune 0.3) leaves at best prune 0.3 everywhere: no better than the
+    # plan in hand, so repairing int8 would only spend evaluations.
+    p = Synthetic(6, 0)
+    p.interaction = 0.0
+    p.loss[:, 1] = 0.003
+    p.loss[:, 2] = 0.05
+    p.loss[:, 3] = 0.012
+    d = Demands(max_accuracy_drop=0.02, weights={"latency": 0.5, "storage": 0.5})
+    ctx = SearchContext(p, d)
+
+    def single(i, j):
+        return tuple(j if k == i else 0 for k in range(6))
+
+    int8, prune, strong = (3,) * 6, (1,) * 6, (2,) * 6
+    ctx.evaluate([(0,) * 6, int8, prune, strong])
+    ctx.evaluate([single(i, j) for i in range(6) for j in (1, 2, 3)])
+    objective = ctx.scorer.objective
+    assert objective(ctx.metrics(int8)) < objective(ctx.metrics(prune))
+    floor = d.accuracy_floor(p.baseline["accuracy"])
+    assert _repairable(ctx, [int8, prune, strong], prune, single, floor) == []
+    # From keep, both broken plans are worth repairing, the better back-off first.
+    found = _repairable(ctx, [int8, prune, strong], (0,) * 6, single, floor)
+    assert set(found) == {int8, strong}
+    values = [objective(_back_off(ctx, c, ctx.metrics(c), single, floor)[1]) for c in found]
+    assert values == sorted(values)
