@@ -29,8 +29,9 @@ per-layer compression-ratio selection).
 The uniform plans (one option on every unit that offers it) are evaluated after the
 mildest options, and the best one within the accuracy budget, if it scores better than
 keeping everything, is where the steps start. A uniform plan that breaks only the
-accuracy budget but would score better is repaired first (:func:`_repair`: its most
-sensitive units backed off to milder options, AMC/NetAdapt run backwards), and becomes
+accuracy budget is repaired first when the sensitivities predict that, backed off to
+the budget, it beats the start (:func:`_repair`: its most sensitive units backed off to
+milder options, AMC/NetAdapt run backwards; the most promising plans first), and becomes
 the start if the repaired plan really meets the budget and scores better. Every phase
 stops when the budget runs out.
 """
