@@ -28,6 +28,8 @@ import numpy as np
 from tailor.ir.dependency import dependency_graph
 from tailor.ir.layers import Layer, layers
 from tailor.ir.model import Model
+from tailor.passes._lowrank import MAX_COST_RATIO
+from tailor.passes._lowrank_math import resolve_rank
 from tailor.plan import LayerPlan, Step
 from tailor.search.base import Option, Unit
 
@@ -103,20 +105,43 @@ def _option(label: str, strength: float, payload: dict[str, list[Step]]) -> Opti
     return Option(label=label, payload=payload, strength=strength)
 
 
+def _weights_after(layer: Layer, kind: str, rank: float) -> float:
+    """The factorization's weights over the layer's, from its shape, with the ranks the
+    passes resolve (`resolve_rank`)."""
+    cin, cout = layer.in_channels, layer.out_channels
+    kh, kw = (tuple(layer.kernel or (1, 1)) + (1, 1))[:2]
+    before = cin * cout * kh * kw
+    if kind == "tucker2":
+        r_out, r_in = resolve_rank(rank, cout), resolve_rank(rank, cin)
+        after = cin * r_in + r_in * r_out * kh * kw + r_out * cout
+    elif kind == "spatial_svd":
+        r = resolve_rank(rank, min(cin * kh, cout * kw))
+        after = r * (cin * kh + cout * kw)
+    else:  # svd
+        after = resolve_rank(rank, min(cin, cout)) * (cin + cout)
+    return after / max(before, 1)
+
+
 def _layer_options(layer: Layer, config: SpaceConfig, total_macs: int) -> list[Option]:
     name = layer.name
     options = [_option("keep", 0.0, {})]
     big = (layer.macs or 0) >= config.min_macs_share * max(total_macs, 1)
-    factor: list[tuple[str, float, Step]] = []
+    found: list[tuple[str, float]] = []
     if big and layer.op == "Conv" and layer.groups == 1 and max(layer.kernel or (1,)) > 1:
         if min(layer.in_channels, layer.out_channels) >= 8:
-            for r in config.tucker_ranks:
-                factor.append((f"tucker2(rank={r})", 1.0 - r, Step.of("tucker2", rank=r)))
-            for r in config.spatial_ranks:
-                factor.append((f"spatial_svd(rank={r})", 1.0 - r, Step.of("spatial_svd", rank=r)))
+            found += [("tucker2", r) for r in config.tucker_ranks]
+            found += [("spatial_svd", r) for r in config.spatial_ranks]
     if big and layer.op in ("Gemm", "MatMul") and min(layer.in_channels, layer.out_channels) >= 16:
-        for r in config.svd_ranks:
-            factor.append((f"svd(rank={r})", 1.0 - r, Step.of("svd", rank=r)))
+        found += [("svd", r) for r in config.svd_ranks]
+    # Only factorizations the pass may apply: one whose weights are not under its cost
+    # ratio is skipped by the pass (it checks the MACs too), and measuring it alone would
+    # spend an evaluation on the unchanged model (spatial_svd at rank 0.5 of a square 3x3
+    # conv is exactly as large as the conv).
+    factor = [
+        (f"{kind}(rank={r})", 1.0 - r, Step.of(kind, rank=r))
+        for kind, r in found
+        if _weights_after(layer, kind, r) < MAX_COST_RATIO
+    ]
     for label, strength, step in factor:
         options.append(_option(label, strength * 0.8, {name: [step]}))
     int8 = Step.of("quantize", mode="int8")

@@ -13,6 +13,7 @@ from tailor.ir.ort import make_session
 from tailor.passes import check_model
 from tailor.plan import pipeline_text
 from tailor.space import FEATURES, SpaceConfig, assignment_layers, build_space
+from tests.helpers import make_model
 
 MODEL = Path(__file__).resolve().parents[2] / "examples" / "digits_cnn.onnx"
 DATA = MODEL.with_name("digits.npz")
@@ -32,9 +33,8 @@ def test_units_of_the_example():
     assert "/res/conv2/conv2.0/Conv" in trunk.name
     assert set(trunk.options[1].payload) == {"/down/down.0/Conv", "/res/conv2/conv2.0/Conv"}
     labels = [o.label for o in layers["/res/conv1/conv1.0/Conv"].options]
-    assert (
-        labels[0] == "keep" and "tucker2(rank=0.5)" in labels and "spatial_svd(rank=0.5)" in labels
-    )
+    assert labels[0] == "keep" and "tucker2(rank=0.5)" in labels
+    assert "spatial_svd(rank=0.5)" not in labels  # a square 3x3 conv: it would not pay
     assert "tucker2(rank=0.5)+int8" in labels and "quantize(int8)" in labels
     assert "tucker2(rank=0.5)+4bit" in labels and "quantize_weights(bits=4)" in labels
     assert [o.label for o in trunk.options[1:]] == [
@@ -124,3 +124,27 @@ def test_real_architecture_groups(arch_path):
     assert any(len(u.options[1].payload) >= 3 for u in groups)
     producers = [layer for u in groups for layer in u.options[1].payload]
     assert len(producers) == len(set(producers)), "a layer is in one group only"
+
+
+def test_only_factorizations_that_pay_are_offered():
+    """spatial_svd at rank 0.5 of a square 3x3 conv is exactly as large as the conv (the
+    pass would skip it): not offered. Of a conv that widens 16 -> 64 it takes 0.75 of
+    the weights: offered, and the pass applies it."""
+    model = make_model(
+        """
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[1,16,12,12] x) => (float[1,64,12,12] y)
+          <float[16,16,3,3] w1, float[16] b1, float[64,16,3,3] w2, float[64] b2> {
+          h = Conv <pads=[1,1,1,1]> (x, w1, b1)
+          r = Relu (h)
+          y = Conv <pads=[1,1,1,1]> (r, w2, b2)
+        }
+        """
+    )
+    units = {u.name: [o.label for o in u.options] for u in build_space(model)}
+    square, wide = (units[n.name] for n in model.nodes if n.op == "Conv")
+    assert "tucker2(rank=0.5)" in square and "spatial_svd(rank=0.5)" not in square
+    assert "spatial_svd(rank=0.5)" in wide
+    wide_name = [n.name for n in model.nodes if n.op == "Conv"][1]
+    out = run_pipeline(model, f"spatial_svd(rank=0.5,layers={wide_name})").model
+    assert len([n for n in out.nodes if n.op == "Conv"]) == 3
