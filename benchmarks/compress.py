@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-accuracy-drop", default="1%")
     parser.add_argument("--weights", default="latency=0.5,storage=0.25,accuracy=0.25")
-    parser.add_argument("--max-evaluations", type=int, default=120)
+    parser.add_argument("--max-evaluations", type=int, default=240)
     parser.add_argument("--max-seconds", type=float, default=None)
     parser.add_argument("--r18-max-seconds", type=float, default=420.0)
     parser.add_argument("--r18-max-evaluations", type=int, default=None)

@@ -154,9 +154,8 @@ def _layer_options(layer: Layer, config: SpaceConfig, total_macs: int) -> list[O
             _option("cluster_weights(16)", 0.4, {name: [Step.of("cluster_weights", clusters=16)]})
         )
     # The mildest factorization composed with int8 (faster where integer kernels are) or
-    # with 4-bit weights (as fast as the factorization, a quarter of its storage): a
-    # factorized layer cannot take a storage or int8 option as well otherwise, and a
-    # uniform factorization would beat every plan on storage.
+    # with 4-bit weights (about as fast as the factorization, a fraction of its bytes):
+    # a unit takes one option, so without these a factorized layer could take neither.
     for label, strength, step in factor[:1] if config.compose else []:
         if config.quantize:
             options.append(_option(f"{label}+int8", min(1.0, strength + 0.3), {name: [step, int8]}))

@@ -3,7 +3,8 @@ per-layer compression-ratio selection).
 
 1. Sensitivity: each option of each unit is evaluated alone (every other unit keeps).
    Its change from the baseline predicts what it does in any plan. Each unit's mildest
-   option of every technique family goes first (larger units first), then the uniform
+   option of every technique family (the storage passes count as one) goes first
+   (larger units first), then the uniform
    plans (below; the most promising first), then the other options. Under a budget
    (evaluations or seconds, at the rate measured) each phase ends at its share of it
    (`_PHASES`: 40 %, 60 %, 65 %, the repair 75 %), so a budgeted search still ends with
@@ -387,17 +388,22 @@ def _uniform_plans(units: list) -> list[tuple[int, ...]]:
     return out
 
 
+#: Families that do the same thing to a layer (shrink its file, not its time): the core
+#: measures the mildest of them, the others come with the rest.
+_KINDS = {"quantize_weights": "storage", "cluster_weights": "storage"}
+
+
 def _sensitivity_order(units: list) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(core, rest): the (unit, option) pairs measured first — each unit's mildest
-    option of every technique family, what the steps take first, larger units first —
-    and the others."""
+    option of every technique family (storage passes count as one), what the steps take
+    first, larger units first — and the others."""
     core, rest = [], []
     for i in sorted(range(len(units)), key=lambda i: -units[i].share):
         u = units[i]
         seen: set[str] = set()
         by_strength = sorted(range(1, len(u.options)), key=lambda j: (u.options[j].strength, j))
         for j in by_strength:
-            family = u.options[j].family
+            family = _KINDS.get(u.options[j].family, u.options[j].family)
             (rest if family in seen else core).append((i, j))
             seen.add(family)
     return core, rest

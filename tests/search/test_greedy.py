@@ -205,3 +205,24 @@ def test_only_plans_whose_back_off_promises_a_better_plan_are_repaired():
     assert set(found) == {int8, strong}
     values = [objective(_back_off(ctx, c, ctx.metrics(c), single, floor)[1]) for c in found]
     assert values == sorted(values)
+
+
+def test_storage_passes_count_as_one_family_in_the_first_measurements():
+    import numpy as np
+
+    from tailor.search.base import Option, Unit
+    from tailor.search.greedy import _sensitivity_order
+
+    options = [
+        Option("keep"),
+        Option("quantize_weights(bits=4)", None, 0.4),
+        Option("cluster_weights(16)", None, 0.4),
+        Option("quantize(int8)", None, 0.5),
+        Option("tucker2(rank=0.5)", None, 0.4),
+        Option("tucker2(rank=0.5)+4bit", None, 0.7),
+    ]
+    core, rest = _sensitivity_order([Unit("conv", options, np.zeros(4))])
+    # 4-bit weights and a 16-entry codebook both shrink the file: the milder (first) is
+    # measured with the other families' mildest, the codebook with the rest.
+    assert core == [(0, 1), (0, 4), (0, 3)]
+    assert rest == [(0, 2), (0, 5)]
