@@ -7,7 +7,7 @@ A benchmark script, never imported by tailor (needs `pip install -e .[bench]` an
 offline datasets of benchmarks/data.py). Run from the repository root::
 
     python -m benchmarks.compress [--models resnet,vgg,hapt,resnet18] [--quick]
-                                  [--max-evaluations 120] [--max-seconds S]
+                                  [--max-evaluations 240] [--max-seconds S]
                                   [--r18-max-seconds 420] [--strategy greedy]
 
 Protocol, per trained model:
