@@ -292,8 +292,15 @@ def _git_commit() -> str:
             ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
         ).stdout.strip()
         dirty = subprocess.run(  # results the benchmark itself writes do not count
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-             ":!benchmarks/results"],  # fmt: skip
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":!benchmarks/results",
+            ],
             cwd=root,
             capture_output=True,
             text=True,
