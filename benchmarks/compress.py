@@ -36,6 +36,8 @@ The ResNet-18-sized timing (`resnet18` in `--models`): torchvision's ResNet-18 l
 labels) under `--r18-max-seconds`; its wall time is what is recorded
 (`resnet18-nolimit`: the same with no budget, the search's own end).
 
+`--trace` writes every evaluation of a trained model's search to
+`compress/NAME/trace.json` (what it changed, whether a uniform plan, its metrics).
 `--suffix S` keeps a trained model's run with other settings (a larger budget, another
 strategy) as `NAME@S`, beside the default run. `benchmarks/compress_report.py` renders
 the Markdown.
@@ -78,6 +80,7 @@ from tailor.cost_models.energy import power_model_energy  # noqa: E402
 from tailor.cost_models.macs import model_macs  # noqa: E402
 from tailor.demands import Demands, Normalizer  # noqa: E402
 from tailor.evaluate import split_samples  # noqa: E402
+from tailor.search.greedy import _uniform_plans  # noqa: E402
 from tailor.space import build_space  # noqa: E402
 from tailor.targets import get_target  # noqa: E402
 
@@ -253,6 +256,37 @@ def _keep_plan_files(out_dir: Path, results_dir: Path, name: str) -> list[str]:
     return kept
 
 
+def _write_trace(result: CompressResult, model_path: Path, results_dir: Path, key: str) -> str:
+    """Every evaluation of the search, in order (`--trace`): what it changed (the non-keep
+    options by unit), whether it was a uniform plan, its metrics; for reading a search's
+    path (which uniform plans broke the budget, what was repaired, which steps failed)."""
+    fused = run_pipeline(model_path, "fuse", check="basic").model
+    fused.infer_shapes()
+    units = build_space(fused)
+    uniform: dict[tuple[int, ...], str] = {}
+    for a in _uniform_plans(units):
+        i = next(k for k, c in enumerate(a) if c)
+        uniform[tuple(a)] = units[i].options[a[i]].label
+    keys = ("accuracy", "accuracy_measured", "accuracy_se", "latency", "storage", "macs")
+    entries = []
+    for n, (a, ev) in enumerate(result.search.history):
+        a = tuple(a)
+        entries.append(
+            {
+                "n": n,
+                "assignment": list(a),
+                "uniform": uniform.get(a),
+                "changed": {units[i].name: units[i].options[j].label for i, j in enumerate(a) if j},
+                "metrics": None if ev.metrics is None else {k: ev.metrics[k] for k in keys if k in ev.metrics},
+                "error": ev.error,
+            }
+        )  # fmt: skip
+    path = results_dir / "compress" / key / "trace.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"chosen": list(result.chosen), "evaluations": entries})
+    return str(path.relative_to(results_dir))
+
+
 def _search_info(result: CompressResult, wall: float, budget: dict[str, Any]) -> dict[str, Any]:
     search = result.search
     limit = budget.get("max_seconds")
@@ -357,6 +391,8 @@ def run_trained(name: str, args: argparse.Namespace, demands: Demands, key: str)
         )
         wall = time.perf_counter() - start
         info["files"] = _keep_plan_files(Path(tmp), args.results_dir, key)
+        if args.trace:
+            info["files"].append(_write_trace(result, cached.onnx_path, args.results_dir, key))
     info["search"] = _search_info(result, wall, budget) | {
         "workers": args.workers,
         "load_average_before": [round(x, 2) for x in load_start],
@@ -511,6 +547,11 @@ def main(argv: list[str] | None = None) -> None:
         "--workers", type=int, default=1, help="compress's candidate-building processes"
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 24 evaluations, 60 s")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="also write every evaluation to compress/NAME/trace.json",
+    )
     parser.add_argument(
         "--suffix",
         default="",
