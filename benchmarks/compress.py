@@ -260,9 +260,7 @@ def _write_trace(result: CompressResult, model_path: Path, results_dir: Path, ke
     """Every evaluation of the search, in order (`--trace`): what it changed (the non-keep
     options by unit), whether it was a uniform plan, its metrics; for reading a search's
     path (which uniform plans broke the budget, what was repaired, which steps failed)."""
-    fused = run_pipeline(model_path, "fuse", check="basic").model
-    fused.infer_shapes()
-    units = build_space(fused)
+    _, units = _fused_space(model_path)
     uniform: dict[tuple[int, ...], str] = {}
     for a in _uniform_plans(units):
         i = next(k for k, c in enumerate(a) if c)
@@ -344,10 +342,15 @@ def _git_commit() -> str:
     return (head or "unknown") + ("+dirty" if dirty else "")
 
 
-def _space_info(model_path: Path) -> dict[str, Any]:
+def _fused_space(model_path: Path) -> tuple[Any, list[Any]]:
+    """The model fused with shapes inferred, and the units compress searches over."""
     fused = run_pipeline(model_path, "fuse", check="basic").model
     fused.infer_shapes()
-    units = build_space(fused)
+    return fused, build_space(fused)
+
+
+def _space_info(model_path: Path) -> dict[str, Any]:
+    fused, units = _fused_space(model_path)
     figures = model_macs(fused)
     return {
         "git_commit": _git_commit(),
