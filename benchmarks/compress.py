@@ -74,7 +74,7 @@ from benchmarks.models import RESULTS_DIR, machine_info, ort_accuracy, write_jso
 from benchmarks.passes import PEERS, _ort_peer, interleaved_latency  # noqa: E402
 from tailor import __version__ as tailor_version  # noqa: E402
 from tailor.api import load, run_pipeline  # noqa: E402
-from tailor.compress import CompressResult, compress  # noqa: E402
+from tailor.compress import CompressResult, compress, confirmation_summary  # noqa: E402
 from tailor.cost_models.base import Estimate  # noqa: E402
 from tailor.cost_models.energy import power_model_energy  # noqa: E402
 from tailor.cost_models.macs import model_macs  # noqa: E402
@@ -310,6 +310,11 @@ def _search_info(result: CompressResult, wall: float, budget: dict[str, Any]) ->
         "evaluation": result.plan.metrics.get("evaluation", ""),
         "compress_baseline": result.baseline,
         "compress_result": result.result,
+        "confirmation": confirmation_summary(
+            result.plan.metrics["search"].get("confirmation") or [],
+            result.chosen,
+            result.plan.metrics["search"].get("confidence", 0.5),
+        ),
     }
 
 

@@ -140,8 +140,11 @@ def _own_verify(info: dict[str, Any]) -> str:
     verdict = "met" if not unmet else f"**NOT met**: {'; '.join(unmet)}"
     return (
         f"; compress's own verify part of the search half: "
-        f"{100 * (res['accuracy_held_out'] - base['accuracy_held_out']):+.2f} points "
-        f"({verdict}); its search part: "
+        f"{100 * (res['accuracy_held_out'] - base['accuracy_held_out']):+.2f}"
+        + (f" ± {100 * res['accuracy_held_out_se']:.2f}" if "accuracy_held_out_se" in res else "")
+        + f" points ({verdict}"
+        + (f"; {s['confirmation']}" if s.get("confirmation") else "")
+        + "); its search part: "
         f"{100 * (res.get('accuracy_measured', res['accuracy']) - base['accuracy']):+.2f}"
         + (
             f" (less one paired standard error, what the search ranks: "

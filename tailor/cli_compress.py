@@ -125,11 +125,22 @@ class _Progress:
 @click.option(
     "--confirm",
     type=click.IntRange(min=0),
-    default=6,
+    default=12,
     show_default=True,
     metavar="N",
     help="Check up to N of the search's best plans on the held-out labels, in its order, "
-    "and apply the first that meets the accuracy budget there (0: apply the search's best).",
+    "and apply the first that keeps the accuracy budget there with --confidence "
+    "(0: apply the search's best).",
+)
+@click.option(
+    "--confidence",
+    type=click.FloatRange(min=0.5, max=1, max_open=True),
+    default=0.8,
+    show_default=True,
+    metavar="P",
+    help="How sure the confirmation must be that a plan keeps the accuracy budget, from "
+    "its held-out reading and that reading's standard error (0.5: the reading itself "
+    "must meet the budget).",
 )
 @click.option(
     "--rpc", metavar="HOST:PORT", help="Measure candidates on boards behind this TVM RPC tracker."
@@ -168,6 +179,7 @@ def compress_cmd(
     seed: int,
     workers: int,
     confirm: int,
+    confidence: float,
     rpc: str | None,
     key: str | None,
     fresh: bool,
@@ -179,7 +191,7 @@ def compress_cmd(
 
     A killed run restarts where it stopped (OUTDIR/search-state.jsonl) unless --fresh.
     """
-    from tailor.compress import compress
+    from tailor.compress import compress, confirmation_summary
     from tailor.demands import Demands, load_demands
     from tailor.errors import TailorError
 
@@ -218,6 +230,7 @@ def compress_cmd(
             key=key,
             progress=progress,
             confirm=confirm,
+            confidence=confidence,
         )
     finally:
         progress.close()
@@ -234,12 +247,12 @@ def compress_cmd(
         b, r = base_m.get(key), res_m.get(key)
         if b is not None and r is not None:
             click.echo(f"  {key}: {b:.4g}{unit} -> {r:.4g}{unit}")
-    checks = plan.metrics["search"].get("confirmation") or []
-    if len(checks) > 1 and checks[-1]["holds"]:
-        click.echo(
-            f"the search's best {len(checks) - 1} plan(s) lost more accuracy on held-out data "
-            f"than the budget allows; applied its #{checks[-1]['rank'] + 1}"
-        )
+    search = plan.metrics["search"]
+    line = confirmation_summary(
+        search.get("confirmation") or [], result.chosen, search.get("confidence", 0.5)
+    )
+    if line:
+        click.echo(line)
     if plan.unmet:
         click.echo(f"budgets NOT met (closest plan found): {'; '.join(plan.unmet)}")
     else:

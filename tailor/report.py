@@ -27,6 +27,7 @@ _ROWS = (
     ("accuracy_se", "paired standard error of the change (search part)", "{:.4f}"),
     ("accuracy", "accuracy less that error (what the search ranks)", "{:.4f}"),
     ("accuracy_held_out", "accuracy (held out)", "{:.4f}"),
+    ("accuracy_held_out_se", "paired standard error of the change (held out)", "{:.4f}"),
     ("latency", "latency ms", "{:.3f}"),
     ("energy", "energy mJ", "{:.4f}"),
     ("storage", "storage bytes", "{:,.0f}"),
@@ -127,6 +128,8 @@ def _alone(
 
 def write_report(result: CompressResult, units: Sequence[Unit], folder: Path) -> dict[str, Path]:
     """Writes `report.md` and `pareto.png` into `folder`; returns their paths."""
+    from tailor.compress import confirmation_summary
+
     plan, search = result.plan, result.search
     base, res = result.baseline, result.result
     points = [e.metrics for _, e in search.history if e.metrics is not None]
@@ -163,12 +166,20 @@ def write_report(result: CompressResult, units: Sequence[Unit], folder: Path) ->
         lines.append("**Not met** (the closest plan found is reported): " + "; ".join(plan.unmet))
     else:
         lines.append("**All budgets met** on held-out data.")
-    checks = plan.metrics.get("search", {}).get("confirmation") or []
-    if checks:
-        held = [c for c in checks if "change_held_out" in c]
-        told = ", ".join(f"#{c['rank'] + 1} {100 * c['change_held_out']:+.2f} points" for c in held)
-        lines += ["", f"Confirmation on held-out data (the search's best candidates in its "
-                  f"order, the first within the accuracy budget is applied): {told or 'keep'}."]  # fmt: skip
+    search_info = plan.metrics.get("search", {})
+    checks = search_info.get("confirmation") or []
+    line = confirmation_summary(
+        checks, result.chosen or search.best, search_info.get("confidence", 0.5)
+    )
+    if line:
+        told = ", ".join(
+            f"#{c['rank'] + 1} {100 * c['change_held_out']:+.2f} ± "
+            f"{100 * c.get('se_held_out', 0.0):.2f} ({100 * c.get('confidence', 0.0):.0f} %)"
+            for c in checks
+            if "change_held_out" in c
+        )
+        lines += ["", f"{line[0].upper()}{line[1:]}.", "", f"Checked (change in points ± paired "
+                  f"standard error, confidence the budget holds): {told}."]  # fmt: skip
     lines += ["", "## Baseline and result", "", "| metric | baseline | result | ratio | source |",
               "|---|---:|---:|---:|---|"]  # fmt: skip
     for key, label, spec in _ROWS:

@@ -17,6 +17,7 @@ from tailor.api import apply_plan
 from tailor.cli import main
 from tailor.compress import compress
 from tailor.demands import Demands
+from tailor.errors import TailorError
 from tailor.ir import Model
 from tailor.plan import Plan
 from tailor.space import SpaceConfig
@@ -72,10 +73,15 @@ def test_greedy_plan_meets_the_budget_replays_and_reports(data, tmp_path):
     # The search's candidates were checked on the held-out part; the applied one is the
     # first that held there (its figure is the one measured on the applied model).
     checks = plan.metrics["search"]["confirmation"]
-    assert checks and list(result.chosen) == checks[-1]["assignment"]
-    assert checks[-1]["holds"] == (not plan.unmet)
-    assert not any(c["holds"] for c in checks[:-1])
-    assert checks[-1]["accuracy_held_out"] == pytest.approx(result.result["accuracy_held_out"])
+    assert plan.metrics["search"]["confidence"] == 0.8
+    (pick,) = [c for c in checks if c["assignment"] == list(result.chosen)]
+    assert pick["holds"] == (not plan.unmet)
+    if pick["sure"]:  # the first sure enough is applied; else none was
+        assert pick is checks[-1] and not any(c["sure"] for c in checks[:-1])
+    else:
+        assert not any(c["sure"] for c in checks)
+    assert pick["accuracy_held_out"] == pytest.approx(result.result["accuracy_held_out"])
+    assert pick["se_held_out"] == pytest.approx(result.result["accuracy_held_out_se"])
     assert result.result["latency"] < result.baseline["latency"]
     assert plan.metrics["sources"]["latency"] == "roofline"
     for name in ("model.onnx", "plan.yaml", "report.md", "pareto.png", "search-state.jsonl"):
@@ -256,6 +262,57 @@ def test_confirmation_applies_the_first_candidate_that_holds_on_held_out_data():
     # Keeping everything is reached before anything else holds: it is the plan.
     held[c] = 0.85
     chosen, checks = _confirm(problem, result, held_eval, demands, 0.9)
-    assert chosen == (0, 0) and checks[-1] == {"rank": 3, "assignment": [0, 0], "holds": True}
+    assert chosen == (0, 0)
+    assert checks[-1] == {"rank": 3, "assignment": [0, 0], "holds": True, "sure": True}
     # Without an accuracy budget there is nothing to confirm.
     assert _confirm(problem, result, held_eval, Demands(max_accuracy_drop=None), 0.9) == (a, [])
+
+
+def test_confirmation_asks_the_held_out_reading_to_be_sure_enough():
+    from types import SimpleNamespace
+
+    from tailor.compress import _confirm, budget_confidence, confirmation_summary
+
+    # 1,000 held-out samples, baseline right on 900. a reads 0.8 points down but changes
+    # 40 predictions (error 0.52 points): a 1-point budget holds with ~65 % confidence.
+    # b reads 0.3 down changing 3 (error 0.17): ~100 %. c changes nothing.
+    n = 1000
+    base = np.zeros(n)
+    base[:900] = 1.0
+
+    def flipped(lost: int, gained: int) -> np.ndarray:
+        s = base.copy()
+        s[:lost] = 0.0
+        s[900 : 900 + gained] = 1.0
+        return s
+
+    samples = {(1, 0): flipped(24, 16), (0, 1): flipped(3, 0), (1, 1): base.copy()}
+    ranked = [(a, {"accuracy": 0.9}) for a in ((1, 0), (0, 1), (1, 1))]
+    problem = SimpleNamespace(baseline={"accuracy": 0.9}, build=lambda x: x)
+    result = SimpleNamespace(ranked=ranked, best=(1, 0), metrics={"accuracy": 0.9})
+    held_eval = SimpleNamespace(per_sample=lambda x: samples[x])
+    demands = Demands(max_accuracy_drop=0.01)
+
+    def confirm(**kw):
+        return _confirm(problem, result, held_eval, demands, 0.9, base_samples=base, **kw)
+
+    chosen, checks = confirm()
+    assert chosen == (0, 1) and [c["sure"] for c in checks] == [False, True]
+    assert [c["holds"] for c in checks] == [True, True]
+    assert checks[0]["change_held_out"] == pytest.approx(-0.008)
+    assert checks[0]["se_held_out"] == pytest.approx(0.0063, abs=1e-4)
+    assert checks[0]["confidence"] == pytest.approx(0.62, abs=0.01)
+    line = confirmation_summary(checks, chosen, 0.8)
+    assert "applied its #2: -0.30 ± 0.17 points" in line and "100 % confidence" in line
+    # Asking only that the reading meet the budget (0.5) takes the search's best.
+    assert confirm(confidence=0.5)[0] == (1, 0)
+    # Nothing checked is sure enough: the best-ranked whose reading meets the budget.
+    chosen, checks = confirm(limit=1)
+    assert chosen == (1, 0) and not checks[0]["sure"]
+    assert "none checked reached 80 %" in confirmation_summary(checks, chosen, 0.8)
+    with pytest.raises(TailorError, match="confidence 1"):
+        confirm(confidence=1.0)
+    # The probability itself: on the budget's edge 50 %, one error inside it 84 %.
+    assert budget_confidence(-1.0, 0.5, 1.0) == pytest.approx(0.5)
+    assert budget_confidence(-0.5, 0.5, 1.0) == pytest.approx(0.841, abs=1e-3)
+    assert budget_confidence(-0.5, 0.0, 1.0) == 1.0 and budget_confidence(-1.5, 0.0, 1.0) == 0.0
