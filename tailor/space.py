@@ -56,7 +56,7 @@ FEATURES = (
 class SpaceConfig:
     """Which options the space offers (the CLI's defaults)."""
 
-    prune_ratios: tuple[float, ...] = (0.25, 0.375, 0.5)
+    prune_ratios: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625)
     tucker_ranks: tuple[float, ...] = (0.5, 0.25)
     spatial_ranks: tuple[float, ...] = (0.5,)
     svd_ranks: tuple[float, ...] = (0.5, 0.25)

@@ -41,6 +41,7 @@ def test_units_of_the_example():
         "prune(ratio=0.25)",
         "prune(ratio=0.375)",
         "prune(ratio=0.5)",
+        "prune(ratio=0.625)",
     ]
     # A depthwise conv or a tiny layer only gets int8 and storage options.
     dw = [o.label for o in layers["/dw/dw.0/Conv"].options]
