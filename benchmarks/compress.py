@@ -97,6 +97,8 @@ SINGLES = (
     "prune_channels(ratio=0.25,criterion=refit)",
     "prune_channels(ratio=0.375,criterion=refit)",
     "prune_channels(ratio=0.5,criterion=refit)",
+    "prune_channels(ratio=0.625,criterion=refit)",
+    "prune_channels(ratio=0.75,criterion=refit)",
     "tucker2(rank=0.5)",
     "tucker2(rank=0.25)",
     "svd(rank=0.5)",
