@@ -106,7 +106,8 @@ class _Progress:
     type=click.FloatRange(min=1),
     metavar="SECONDS",
     help="Stop the search after this long (loading, confirming and applying the plan come "
-    "on top: about 100 s more for a ResNet-18).",
+    "on top: confirming starts no new check after a quarter of this or a minute; about "
+    "70 s more in all for a ResNet-18).",
 )
 @click.option(
     "--latency-source",

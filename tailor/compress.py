@@ -323,6 +323,10 @@ def _evaluators(
 #: Candidates checked on the held-out part at most (each is built and scored once more).
 CONFIRM = 12
 
+#: With a search time limit, the confirmation checks new candidates for at most this share
+#: of it (and at least a minute).
+CONFIRM_SHARE = 0.25
+
 #: How sure the confirmation must be that a plan keeps the accuracy budget: the plan's
 #: held-out accuracy less `z` paired standard errors of its change must reach the floor,
 #: with `z` the normal quantile of this probability (0.8: z = 0.84). 0.5 asks only that the
@@ -361,6 +365,7 @@ def _confirm(
     limit: int = CONFIRM,
     confidence: float = CONFIDENCE,
     base_samples: np.ndarray | None = None,
+    max_seconds: float | None = None,
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> tuple[tuple[int, ...], list[dict[str, Any]]]:
     """Selection, then confirmation.
@@ -377,8 +382,9 @@ def _confirm(
     an error of 0.62 keeps a 1-point budget with 60 % confidence, and then read 1.04
     points down on a second, independent half.
 
-    If none of the first `limit` is sure enough, the best-ranked one whose reading
-    meets the budget at all is returned, and failing that the closest (reported unmet).
+    If none of the first `limit` is sure enough (or `max_seconds` have passed before
+    one is), the best-ranked one whose reading meets the budget at all is returned, and
+    failing that the closest (reported unmet).
 
     Returns:
         (the assignment, one record per candidate checked).
@@ -395,7 +401,15 @@ def _confirm(
         return result.best, []  # nothing met the budgets, or the baseline itself is best
     budget_points = 100 * (base_held - floor)
     checks: list[dict[str, Any]] = []
+    start = time.perf_counter()
     for rank, assignment in enumerate(feasible[:limit]):
+        if checks and max_seconds is not None and time.perf_counter() - start > max_seconds:
+            logger.warning(
+                "confirmation: stopped after %d candidate(s), %.0f s (its time limit)",
+                len(checks),
+                time.perf_counter() - start,
+            )
+            break
         if not any(assignment):  # keeping everything always holds: stop here
             checks.append(
                 {"rank": rank, "assignment": list(assignment), "holds": True, "sure": True}
@@ -509,7 +523,8 @@ def compress(
         evaluator: a user's evaluator (or `module:function`), used for search and result.
         strategy: `greedy`, `evolutionary` or `rl`.
         seed: makes the search and every pass reproducible.
-        max_evaluations, max_seconds: the search budget.
+        max_evaluations, max_seconds: the search budget (with `max_seconds`, the
+            confirmation starts no new check after a quarter of it, or a minute).
         output_dir: where to write the results (created); None: write nothing.
         space: the options offered per layer.
         latency_source: `auto`, `measured`, `learned` or `roofline` (see `tailor cost`).
@@ -614,6 +629,7 @@ def compress(
             limit=confirm,
             confidence=confidence,
             base_samples=base_samples,
+            max_seconds=None if max_seconds is None else max(60.0, CONFIRM_SHARE * max_seconds),
             progress=progress,
         )
     else:  # a user's evaluator: no data of its own to confirm on

@@ -312,6 +312,9 @@ def test_confirmation_asks_the_held_out_reading_to_be_sure_enough():
     assert "none checked reached 80 %" in confirmation_summary(checks, chosen, 0.8)
     with pytest.raises(TailorError, match="confidence 1"):
         confirm(confidence=1.0)
+    # Out of time after the first check: no second one; the first reading meets the budget.
+    chosen, checks = confirm(max_seconds=0.0)
+    assert chosen == (1, 0) and len(checks) == 1
     # The probability itself: on the budget's edge 50 %, one error inside it 84 %.
     assert budget_confidence(-1.0, 0.5, 1.0) == pytest.approx(0.5)
     assert budget_confidence(-0.5, 0.5, 1.0) == pytest.approx(0.841, abs=1e-3)
