@@ -319,3 +319,55 @@ def test_confirmation_asks_the_held_out_reading_to_be_sure_enough():
     assert budget_confidence(-1.0, 0.5, 1.0) == pytest.approx(0.5)
     assert budget_confidence(-0.5, 0.5, 1.0) == pytest.approx(0.841, abs=1e-3)
     assert budget_confidence(-0.5, 0.0, 1.0) == 1.0 and budget_confidence(-1.5, 0.0, 1.0) == 0.0
+
+
+def test_confirmation_backs_a_plan_off_before_going_down_the_ranking():
+    from statistics import NormalDist
+    from types import SimpleNamespace
+
+    from tailor.compress import _confirm, confirmation_summary
+
+    # a (the search's best) reads 1.5 points down; its back-off m reads 0.3 down (sure).
+    # b, next in the ranking, would have been sure too, but m comes first.
+    n = 1000
+    base = np.zeros(n)
+    base[:900] = 1.0
+
+    def lost(k: int) -> np.ndarray:
+        s = base.copy()
+        s[:k] = 0.0
+        return s
+
+    a, b, m = (2, 2), (1, 2), (2, 1)
+    samples = {a: lost(15), b: lost(2), m: lost(3)}
+    ranked = [(x, {"accuracy": 0.9}) for x in (a, b)]
+    problem = SimpleNamespace(baseline={"accuracy": 0.91}, build=lambda x: x)
+    result = SimpleNamespace(ranked=ranked, best=a, metrics={"accuracy": 0.9})
+    held_eval = SimpleNamespace(per_sample=lambda x: samples[x])
+    asked = []
+
+    def back_off(plan, accuracy):
+        asked.append((plan, accuracy))
+        return m if plan == a else None
+
+    chosen, checks = _confirm(
+        problem, result, held_eval, Demands(max_accuracy_drop=0.01), 0.9,
+        base_samples=base, back_off=back_off,
+    )  # fmt: skip
+    assert chosen == m and [c["assignment"] for c in checks] == [list(a), list(m)]
+    assert checks[1]["backed_off"] and checks[1]["rank"] == 0 and checks[1]["sure"]
+    # The back-off is told the search's baseline plus the held-out change less the margin.
+    z = NormalDist().inv_cdf(0.8)
+    want = 0.91 - 0.015 - z * checks[0]["se_held_out"]
+    assert asked == [(a, pytest.approx(want))]
+    assert "applied its #1 backed off: -0.30" in confirmation_summary(checks, chosen, 0.8)
+    # A back-off that is not sure either is backed off again (at most twice), then the
+    # ranking goes on.
+    samples[m] = lost(14)
+    asked.clear()
+    chosen, checks = _confirm(
+        problem, result, held_eval, Demands(max_accuracy_drop=0.01), 0.9,
+        base_samples=base, back_off=back_off,
+    )  # fmt: skip
+    assert chosen == b and [c["assignment"] for c in checks] == [list(a), list(m), list(b)]
+    assert [p for p, _ in asked] == [a, m, b][: len(asked)] and asked[0][0] == a
