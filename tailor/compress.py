@@ -495,23 +495,6 @@ def _confirm(
     return tuple(pick["assignment"]), checks
 
 
-def _backer(
-    problem: ModelProblem, demands: Demands, history: Sequence[tuple[tuple[int, ...], Evaluation]]
-) -> Callable[[tuple[int, ...], float], tuple[int, ...] | None]:
-    """The confirmation's back-off: greedy's, from the search's history, remembering what it
-    predicted of each plan it made (so that one can be backed off again)."""
-    predicted: dict[tuple[int, ...], dict[str, float]] = {}
-
-    def back_off(plan: tuple[int, ...], accuracy: float) -> tuple[int, ...] | None:
-        out = greedy_back_off(problem, demands, history, plan, accuracy, predicted.get(plan))
-        if out is None:
-            return None
-        predicted[out[0]] = out[1]
-        return out[0]
-
-    return back_off
-
-
 def confirmation_summary(
     checks: Sequence[Mapping[str, Any]], chosen: Sequence[int], confidence: float
 ) -> str:
@@ -689,7 +672,7 @@ def compress(
             confidence=confidence,
             base_samples=base_samples,
             max_seconds=None if max_seconds is None else max(60.0, CONFIRM_SHARE * max_seconds),
-            back_off=_backer(problem, demands, result.history),
+            back_off=lambda a, acc: greedy_back_off(problem, demands, result.history, a, acc),
             progress=progress,
         )
     else:  # a user's evaluator: no data of its own to confirm on

@@ -348,23 +348,18 @@ def back_off(
     history: Sequence[tuple[Assignment, Evaluation]],
     plan: Sequence[int],
     accuracy: float,
-    metrics: Mapping[str, float] | None = None,
-) -> tuple[tuple[int, ...], dict[str, float]] | None:
+) -> tuple[int, ...] | None:
     """`plan`, which really scores `accuracy` (on the search's scale: for example what
     held-out data showed of it), backed off until the sensitivities measured alone in an
     earlier search's `history` predict it within the accuracy budget (:func:`_back_off`).
 
-    Args:
-        metrics: the plan's metrics when it is not in `history` (a plan backed off
-            before: the prediction this returned for it).
-
     Returns:
-        (the backed-off assignment, its predicted metrics), or None (no budget, `plan`
-        neither in `history` nor given `metrics`, or no move left).
+        the backed-off assignment, or None (no budget, `plan` not in `history`, or no
+        move left).
     """
     ctx = SearchContext(problem, demands)
     ctx.replay(history)
-    real = ctx.metrics(plan) if metrics is None else dict(metrics)
+    real = ctx.metrics(plan)
     floor = demands.accuracy_floor(ctx.scorer.base_accuracy)
     if real is None or floor is None or math.isnan(floor):
         return None
@@ -376,7 +371,7 @@ def back_off(
         lambda i, j: tuple(j if k == i else 0 for k in range(n)),
         floor,
     )
-    return None if out is None or out[0] == tuple(plan) else out
+    return None if out is None or out[0] == tuple(plan) else out[0]
 
 
 def _repair(
