@@ -44,7 +44,6 @@ from tailor.ir.model import Model
 from tailor.plan import Plan, model_digest, pipeline_text
 from tailor.search.base import Budget, Evaluation, SearchResult, Unit, search
 from tailor.search.cache import CachedProblem
-from tailor.search.greedy import back_off as greedy_back_off
 from tailor.space import SpaceConfig, assignment_layers, build_space
 
 __all__ = ["ModelProblem", "CompressResult", "compress", "confirmation_summary"]
@@ -324,9 +323,6 @@ def _evaluators(
 #: Candidates checked on the held-out part at most (each is built and scored once more).
 CONFIRM = 12
 
-#: Back-offs tried from one candidate that is not sure enough (see :func:`_confirm`).
-BACK_OFFS = 2
-
 #: With a search time limit, the confirmation checks new candidates for at most this share
 #: of it (and at least a minute).
 CONFIRM_SHARE = 0.25
@@ -370,7 +366,6 @@ def _confirm(
     confidence: float = CONFIDENCE,
     base_samples: np.ndarray | None = None,
     max_seconds: float | None = None,
-    back_off: Callable[[tuple[int, ...], float], tuple[int, ...] | None] | None = None,
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> tuple[tuple[int, ...], list[dict[str, Any]]]:
     """Selection, then confirmation.
@@ -387,16 +382,8 @@ def _confirm(
     an error of 0.62 keeps a 1-point budget with 60 % confidence, and then read 1.04
     points down on a second, independent half.
 
-    A candidate that is not sure enough is first backed off (`back_off(assignment,
-    accuracy)`: the search's sensitivities, told the accuracy the held-out part showed
-    less the margin, choose milder options) and the milder plan checked, up to
-    :data:`BACK_OFFS` times, before the next of the ranking: the search's best plans
-    are often near-duplicates that fail together (vgg, seed 1: the 8 best all read 1.3
-    to 1.9 points down on the held-out part, and the 9th was near uniform pruning at a
-    quarter).
-
-    If none of `limit` checks is sure enough (or `max_seconds` have passed before one
-    is), the best-ranked one whose reading meets the budget at all is returned, and
+    If none of the first `limit` is sure enough (or `max_seconds` have passed before
+    one is), the best-ranked one whose reading meets the budget at all is returned, and
     failing that the closest (reported unmet).
 
     Returns:
@@ -413,79 +400,51 @@ def _confirm(
     if not feasible or not any(feasible[0]):
         return result.best, []  # nothing met the budgets, or the baseline itself is best
     budget_points = 100 * (base_held - floor)
-    z = NormalDist().inv_cdf(confidence)
     checks: list[dict[str, Any]] = []
     start = time.perf_counter()
-
-    def out_of_time() -> bool:
+    for rank, assignment in enumerate(feasible[:limit]):
         if checks and max_seconds is not None and time.perf_counter() - start > max_seconds:
             logger.warning(
-                "confirmation: stopped after %d check(s), %.0f s (its time limit)",
+                "confirmation: stopped after %d candidate(s), %.0f s (its time limit)",
                 len(checks),
                 time.perf_counter() - start,
             )
-            return True
-        return len(checks) >= limit
-
-    def check(rank: int, assignment: tuple[int, ...], backed: bool) -> dict[str, Any] | None:
-        if progress is not None:
-            progress("confirming on held-out data", len(checks), limit)
-        try:
-            held, se = _held_reading(held_eval, problem.build(assignment), base_samples)
-        except TailorError as e:  # built in the search, so this is unexpected: skip it
-            logger.warning("confirmation: candidate %s failed to build: %s", assignment, e)
-            return None
-        sure = budget_confidence(100 * (held - base_held), 100 * se, budget_points)
-        record = {
-            "rank": rank,
-            "assignment": list(assignment),
-            "accuracy_held_out": held,
-            "change_held_out": held - base_held,
-            "se_held_out": se,
-            "confidence": sure,
-            "holds": held >= floor - 1e-12,
-            "sure": sure >= confidence,
-        }
-        if backed:
-            record["backed_off"] = True
-        checks.append(record)
-        logger.info(
-            "confirmation: candidate %d of the search%s: %+.2f ± %.2f points on held-out "
-            "data, keeps the budget with %.0f %% confidence",
-            rank + 1,
-            " backed off" if backed else "",
-            100 * (held - base_held),
-            100 * se,
-            100 * sure,
-        )
-        return record
-
-    seen: set[tuple[int, ...]] = set()
-    for rank, assignment in enumerate(feasible):
-        if out_of_time():
             break
         if not any(assignment):  # keeping everything always holds: stop here
             checks.append(
                 {"rank": rank, "assignment": list(assignment), "holds": True, "sure": True}
             )
             return assignment, checks
-        if assignment in seen:
+        if progress is not None:
+            progress("confirming on held-out data", rank, min(limit, len(feasible)))
+        try:
+            held, se = _held_reading(held_eval, problem.build(assignment), base_samples)
+        except TailorError as e:  # built in the search, so this is unexpected: skip it
+            logger.warning("confirmation: candidate %s failed to build: %s", assignment, e)
             continue
-        seen.add(assignment)
-        record = check(rank, assignment, False)
-        # Not sure enough: back it off by what the held-out part showed (its loss there
-        # and the margin), before going down the ranking's near-duplicates of it.
-        for _ in range(BACK_OFFS if back_off is not None else 0):
-            if record is None or record["sure"] or out_of_time():
-                break
-            lost = record["change_held_out"] - z * record["se_held_out"]
-            milder = back_off(tuple(record["assignment"]), problem.baseline["accuracy"] + lost)
-            if milder is None or milder in seen or not any(milder):
-                break
-            seen.add(milder)
-            record = check(rank, milder, True)
-        if record is not None and record["sure"]:
-            return tuple(record["assignment"]), checks
+        sure = budget_confidence(100 * (held - base_held), 100 * se, budget_points)
+        checks.append(
+            {
+                "rank": rank,
+                "assignment": list(assignment),
+                "accuracy_held_out": held,
+                "change_held_out": held - base_held,
+                "se_held_out": se,
+                "confidence": sure,
+                "holds": held >= floor - 1e-12,
+                "sure": sure >= confidence,
+            }
+        )
+        logger.info(
+            "confirmation: candidate %d of the search: %+.2f ± %.2f points on held-out data, "
+            "keeps the budget with %.0f %% confidence",
+            rank + 1,
+            100 * (held - base_held),
+            100 * se,
+            100 * sure,
+        )
+        if checks[-1]["sure"]:
+            return assignment, checks
     held_checks = [c for c in checks if "accuracy_held_out" in c]
     if not held_checks:
         return result.best, checks
@@ -508,8 +467,7 @@ def confirmation_summary(
         what = "kept the original model (the first candidate that keeps every layer)"
     else:
         what = (
-            f"applied its #{pick['rank'] + 1}{' backed off' if pick.get('backed_off') else ''}: "
-            f"{100 * pick['change_held_out']:+.2f} "
+            f"applied its #{pick['rank'] + 1}: {100 * pick['change_held_out']:+.2f} "
             f"± {100 * pick.get('se_held_out', 0.0):.2f} points, keeps the accuracy budget "
             f"with {100 * pick.get('confidence', 0.0):.0f} % confidence"
         )
@@ -518,8 +476,8 @@ def confirmation_summary(
                 "whose reading meets the budget)" if pick["holds"] else "closest one)"
             )
     return (
-        f"confirmation: checked {len(read)} plan(s) on held-out data (the search's best in "
-        f"its order, each backed off if not sure enough); {what}"
+        f"confirmation: checked {len(read)} of the search's best plan(s) on held-out data, "
+        f"in its order; {what}"
     )
 
 
@@ -672,16 +630,11 @@ def compress(
             confidence=confidence,
             base_samples=base_samples,
             max_seconds=None if max_seconds is None else max(60.0, CONFIRM_SHARE * max_seconds),
-            back_off=lambda a, acc: greedy_back_off(problem, demands, result.history, a, acc),
             progress=progress,
         )
     else:  # a user's evaluator: no data of its own to confirm on
         chosen, checks = result.best, []
-    ranked = dict(result.ranked)
-    if chosen not in ranked:  # a plan the confirmation backed off: the search never saw it
-        (seen,) = problem.evaluate([chosen])
-        ranked[chosen] = seen.metrics or result.metrics
-    chosen_metrics = dict(ranked.get(chosen, result.metrics))
+    chosen_metrics = dict(dict(result.ranked).get(chosen, result.metrics))
     unmet_in_search = demands.violations(chosen_metrics, problem.baseline["accuracy"])
     layers_plan = assignment_layers(fused, units, chosen)
     plan = Plan(

@@ -41,13 +41,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
 
-from tailor.search.base import COST_METRICS, Assignment, Evaluation, Problem, SearchContext
-
-if TYPE_CHECKING:
-    from tailor.demands import Demands
+from tailor.search.base import COST_METRICS, SearchContext
 
 __all__ = ["run"]
 
@@ -340,38 +336,6 @@ def _back_off(
         _, i, j, pred, alone[i] = best
         a[i] = j
     return tuple(a), pred
-
-
-def back_off(
-    problem: Problem,
-    demands: Demands,
-    history: Sequence[tuple[Assignment, Evaluation]],
-    plan: Sequence[int],
-    accuracy: float,
-) -> tuple[int, ...] | None:
-    """`plan`, which really scores `accuracy` (on the search's scale: for example what
-    held-out data showed of it), backed off until the sensitivities measured alone in an
-    earlier search's `history` predict it within the accuracy budget (:func:`_back_off`).
-
-    Returns:
-        the backed-off assignment, or None (no budget, `plan` not in `history`, or no
-        move left).
-    """
-    ctx = SearchContext(problem, demands)
-    ctx.replay(history)
-    real = ctx.metrics(plan)
-    floor = demands.accuracy_floor(ctx.scorer.base_accuracy)
-    if real is None or floor is None or math.isnan(floor):
-        return None
-    n = len(ctx.units)
-    out = _back_off(
-        ctx,
-        tuple(plan),
-        dict(real, accuracy=accuracy),
-        lambda i, j: tuple(j if k == i else 0 for k in range(n)),
-        floor,
-    )
-    return None if out is None or out[0] == tuple(plan) else out[0]
 
 
 def _repair(

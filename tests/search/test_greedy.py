@@ -226,28 +226,3 @@ def test_storage_passes_count_as_one_family_in_the_first_measurements():
     # measured with the other families' mildest, the codebook with the rest.
     assert core == [(0, 1), (0, 4), (0, 3)]
     assert rest == [(0, 2), (0, 5)]
-
-
-def test_back_off_from_an_earlier_search_by_the_accuracy_seen_elsewhere():
-    from tailor.search.base import SearchContext
-    from tailor.search.greedy import back_off
-
-    # int8 everywhere loses 0.4 points a unit alone (2.4 in all, additive): over a 2-point
-    # budget. Told it really loses 3.0 (what held-out data showed), the back-off must
-    # move more units than for its own 2.4, and the plan must come from the history.
-    p = Synthetic(6, 0)
-    p.interaction = 0.0
-    p.loss[:, 3] = 0.004
-    d = Demands(max_accuracy_drop=0.02)
-    ctx = SearchContext(p, d)
-    int8 = (3,) * 6
-    ctx.evaluate([(0,) * 6, int8] + [tuple(j if k == i else 0 for k in range(6)) for i in range(6) for j in (1, 2, 3)])  # fmt: skip
-    base = p.baseline["accuracy"]
-    own = back_off(p, d, ctx.history, int8, ctx.metrics(int8)["accuracy"])
-    worse = back_off(p, d, ctx.history, int8, base - 0.03)
-    assert own is not None and worse is not None
-    assert sum(c == 3 for c in worse) < sum(c == 3 for c in own) < 6
-    # Nothing to back off: a plan already within the budget, or one never seen.
-    assert back_off(p, d, ctx.history, int8, base - 0.01) is None
-    assert back_off(p, d, ctx.history, (1,) * 6, base - 0.03) is None
-    assert back_off(p, Demands(max_accuracy_drop=None), ctx.history, int8, 0.0) is None
