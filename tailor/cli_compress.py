@@ -129,9 +129,9 @@ class _Progress:
     default=12,
     show_default=True,
     metavar="N",
-    help="Check up to N of the search's best plans on the held-out labels, in its order, "
-    "and apply the first that keeps the accuracy budget there with --confidence "
-    "(0: apply the search's best).",
+    help="Check up to N plans on the held-out labels (the search's best by objective, and "
+    "back-offs of those that fall short there) and apply the first that keeps the accuracy "
+    "budget there with --confidence (0: apply the search's best).",
 )
 @click.option(
     "--confidence",

@@ -355,6 +355,14 @@ class SearchContext:
         """The evaluation of an assignment seen before (all-keep is the baseline)."""
         return self._memo.get(tuple(assignment))
 
+    def replay(self, history: Sequence[tuple[Assignment, Evaluation]]) -> None:
+        """Knows the evaluations of an earlier search (memo and normaliser) without
+        counting them as this one's."""
+        for a, ev in history:
+            self._memo[tuple(a)] = ev
+            if ev.metrics is not None:
+                self.scorer.observe(ev.metrics)
+
     def metrics(self, assignment: Sequence[int]) -> dict[str, float] | None:
         found = self._memo.get(tuple(assignment))
         return found.metrics if found is not None else None

@@ -41,11 +41,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from tailor.search.base import COST_METRICS, SearchContext
+from tailor.search.base import COST_METRICS, Assignment, Evaluation, Problem, SearchContext
 
-__all__ = ["run"]
+if TYPE_CHECKING:
+    from tailor.demands import Demands
+
+__all__ = ["BackOff", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -336,6 +340,60 @@ def _back_off(
         _, i, j, pred, alone[i] = best
         a[i] = j
     return tuple(a), pred
+
+
+class BackOff:
+    """Backs plans of an earlier search off by an accuracy seen elsewhere (for example on
+    held-out data), with that search's sensitivities (:func:`_back_off`), and scores
+    plans on its scale.
+
+    Args:
+        problem, demands: the earlier search's.
+        history: its evaluations (the options measured alone among them).
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        demands: Demands,
+        history: Sequence[tuple[Assignment, Evaluation]],
+    ):
+        self._ctx = SearchContext(problem, demands)
+        self._ctx.replay(history)
+        floor = demands.accuracy_floor(self._ctx.scorer.base_accuracy)
+        self._floor = None if floor is None or math.isnan(floor) else floor
+        n = len(self._ctx.units)
+        self._single = lambda i, j: tuple(j if k == i else 0 for k in range(n))
+
+    def objective(self, metrics: Mapping[str, float]) -> float:
+        """The weighted, normalised objective over everything the search saw (lower is
+        better; predictions beyond its range extend the line)."""
+        return self._ctx.scorer.objective(metrics, clip=False)
+
+    def __call__(
+        self,
+        plan: Sequence[int],
+        accuracy: float,
+        metrics: Mapping[str, float] | None = None,
+    ) -> tuple[tuple[int, ...], dict[str, float]] | None:
+        """`plan`, which really scores `accuracy` on the search's scale, backed off until
+        the sensitivities predict it within the accuracy budget.
+
+        Args:
+            metrics: the plan's metrics when the search never evaluated it (a plan
+                backed off before: the prediction this returned for it).
+
+        Returns:
+            (the milder assignment, its predicted metrics), or None (no accuracy
+            budget, `plan` unknown, already within the budget, or no move left).
+        """
+        real = self._ctx.metrics(plan) if metrics is None else dict(metrics)
+        if real is None or self._floor is None:
+            return None
+        out = _back_off(
+            self._ctx, tuple(plan), dict(real, accuracy=accuracy), self._single, self._floor
+        )
+        return None if out is None or out[0] == tuple(plan) else out
 
 
 def _repair(

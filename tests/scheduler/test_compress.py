@@ -319,3 +319,85 @@ def test_confirmation_asks_the_held_out_reading_to_be_sure_enough():
     assert budget_confidence(-1.0, 0.5, 1.0) == pytest.approx(0.5)
     assert budget_confidence(-0.5, 0.5, 1.0) == pytest.approx(0.841, abs=1e-3)
     assert budget_confidence(-0.5, 0.0, 1.0) == 1.0 and budget_confidence(-1.5, 0.0, 1.0) == 0.0
+
+
+def test_confirmation_backs_off_what_fails_and_checks_by_objective():
+    from statistics import NormalDist
+    from types import SimpleNamespace
+
+    from tailor.compress import _confirm, confirmation_summary
+
+    # 1,000 held-out samples, baseline right on 900; a 1-point budget. The search ranks
+    # a (objective 0.1), a2 (0.11: a with one unit milder) and b (0.3). a loses 2 points
+    # on held-out data; a2, one unit from a and 0.1 points better in the search, is
+    # judged by a's reading (-1.9: breaks the budget) and backed off unchecked. b and
+    # a's back-off m lose 0.3 and 0.5 points (sure).
+    n = 1000
+    base = np.zeros(n)
+    base[:900] = 1.0
+
+    def lost(k: int) -> np.ndarray:
+        s = base.copy()
+        s[:k] = 0.0
+        return s
+
+    a, a2, b = (2, 2, 2, 2, 0, 0, 0, 0), (2, 2, 2, 1, 0, 0, 0, 0), (1, 1, 1, 1, 0, 0, 0, 0)
+    m, m2 = (2, 2, 1, 1, 0, 0, 0, 0), (2, 1, 1, 1, 0, 0, 0, 0)
+    samples = {a: lost(20), b: lost(3), m: lost(5), m2: lost(4)}
+    searched = {a: (0.895, 0.1), a2: (0.896, 0.11), b: (0.899, 0.3)}
+    ranked = [(x, {"accuracy": searched[x][0], "objective": searched[x][1]}) for x in searched]
+    built: list[tuple[int, ...]] = []
+    problem = SimpleNamespace(baseline={"accuracy": 0.9}, build=lambda x: built.append(x) or x)
+    result = SimpleNamespace(ranked=ranked, best=a, metrics=ranked[0][1])
+    held_eval = SimpleNamespace(per_sample=lambda x: samples[x])
+    asked = []
+    backed = {a: m, a2: m2}
+
+    class Backer:
+        predicted = {m: 0.2, m2: 0.5}
+
+        def objective(self, metrics):
+            return metrics["objective"]
+
+        def __call__(self, plan, accuracy, metrics=None):
+            asked.append((plan, accuracy, metrics))
+            if plan not in backed:
+                return None
+            return backed[plan], {"accuracy": 0.89, "objective": self.predicted[backed[plan]]}
+
+    def confirm():
+        built.clear()
+        asked.clear()
+        return _confirm(
+            problem, result, held_eval, Demands(max_accuracy_drop=0.01), 0.9,
+            base_samples=base, back_off=Backer(),
+        )  # fmt: skip
+
+    # m promises more than b (0.2 < 0.3): checked before it, sure, applied.
+    chosen, checks = confirm()
+    assert chosen == m and built == [a, m]
+    assert [c["assignment"] for c in checks] == [list(a), list(m)]
+    assert checks[1]["backed_off"] == 1 and checks[1]["rank"] == 0 and checks[1]["sure"]
+    # The back-off is told the search's baseline plus the held-out change less the margin,
+    # with the plan's metrics in the search.
+    z = NormalDist().inv_cdf(0.8)
+    assert asked[0][0] == a and asked[0][2] == ranked[0][1]
+    assert asked[0][1] == pytest.approx(0.9 - 0.02 - z * checks[0]["se_held_out"])
+    # a2 was never built: backed off from a's reading shifted by +0.1 (-1.9 points).
+    assert asked[1][0] == a2 and asked[1][1] == pytest.approx(
+        0.9 - 0.019 - z * checks[0]["se_held_out"]
+    )
+    line = confirmation_summary(checks, chosen, 0.8)
+    assert "checked 2 plan(s)" in line and "applied its #1 backed off: -0.50" in line
+    # A back-off that promises less than the ranking's next waits for it: b is checked
+    # (sure) and m never built.
+    Backer.predicted[m] = 0.4
+    chosen, checks = confirm()
+    assert chosen == b and built == [a, b]
+    # A back-off that is not sure either is backed off again (BACK_OFFS in a row at most).
+    Backer.predicted[m] = 0.2
+    samples[m] = lost(19)
+    backed[m] = m2
+    chosen, checks = confirm()
+    assert built == [a, m, b] and chosen == b
+    assert [p for p, _, _ in asked][:3] == [a, a2, m] and asked[2][2]["objective"] == 0.2

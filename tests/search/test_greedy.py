@@ -226,3 +226,38 @@ def test_storage_passes_count_as_one_family_in_the_first_measurements():
     # measured with the other families' mildest, the codebook with the rest.
     assert core == [(0, 1), (0, 4), (0, 3)]
     assert rest == [(0, 2), (0, 5)]
+
+
+def test_back_off_from_an_earlier_search_by_the_accuracy_seen_elsewhere():
+    from tailor.search.base import SearchContext
+    from tailor.search.greedy import BackOff
+
+    # int8 everywhere loses 0.4 points a unit alone (2.4 in all, additive): over a 2-point
+    # budget. Told it really loses 3.0 (what held-out data showed), the back-off must
+    # move more units than for its own 2.4, and the plan must come from the history.
+    p = Synthetic(6, 0)
+    p.interaction = 0.0
+    p.loss[:, 3] = 0.004
+    d = Demands(max_accuracy_drop=0.02)
+    ctx = SearchContext(p, d)
+    int8 = (3,) * 6
+    ctx.evaluate([(0,) * 6, int8] + [tuple(j if k == i else 0 for k in range(6)) for i in range(6) for j in (1, 2, 3)])  # fmt: skip
+    base = p.baseline["accuracy"]
+    back_off = BackOff(p, d, ctx.history)
+    own, worse = back_off(int8, ctx.metrics(int8)["accuracy"]), back_off(int8, base - 0.03)
+    assert own is not None and worse is not None
+    assert sum(c == 3 for c in worse[0]) < sum(c == 3 for c in own[0]) < 6
+    # The prediction: within the budget, and costlier than int8 everywhere (the scale of
+    # the search: the objective it ranked by).
+    assert worse[1]["accuracy"] >= base - 0.02 - 1e-12
+    assert back_off.objective(worse[1]) > back_off.objective(ctx.metrics(int8))
+    assert back_off.objective(ctx.metrics(int8)) == pytest.approx(
+        ctx.scorer.objective(ctx.metrics(int8), clip=False)
+    )
+    # A plan the search never saw is backed off from the metrics given for it.
+    again = back_off(worse[0], base - 0.025, worse[1])
+    assert again is not None and sum(c == 3 for c in again[0]) < sum(c == 3 for c in worse[0])
+    # Nothing to back off: a plan already within the budget, one never seen, no budget.
+    assert back_off(int8, base - 0.01) is None
+    assert back_off((1,) * 6, base - 0.03) is None
+    assert BackOff(p, Demands(max_accuracy_drop=None), ctx.history)(int8, 0.0) is None
