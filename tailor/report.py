@@ -173,7 +173,8 @@ def write_report(result: CompressResult, units: Sequence[Unit], folder: Path) ->
     )
     if line:
         told = ", ".join(
-            f"#{c['rank'] + 1} {100 * c['change_held_out']:+.2f} ± "
+            f"#{c['rank'] + 1}{' backed off' if c.get('backed_off') else ''} "
+            f"{100 * c['change_held_out']:+.2f} ± "
             f"{100 * c.get('se_held_out', 0.0):.2f} ({100 * c.get('confidence', 0.0):.0f} %)"
             for c in checks
             if "change_held_out" in c

@@ -93,6 +93,10 @@ def test_greedy_plan_meets_the_budget_replays_and_reports(data, tmp_path):
     assert res["accuracy_se"] > 0.0 or res["accuracy_measured"] == result.baseline["accuracy"]
     report = (tmp_path / "report.md").read_text()
     assert "## Pareto front" in report and "| accuracy (held out) |" in report
+    if any("change_held_out" in c for c in checks):  # each check listed, back-offs marked
+        listed = report.split("Checked (change in points")[1].split("\n")[0]
+        assert listed.count("#") == sum("change_held_out" in c for c in checks)
+        assert listed.count("backed off") == sum(bool(c.get("backed_off")) for c in checks)
     # The plan file replays to the same model.
     again = apply_plan(MODEL, tmp_path / "plan.yaml", calibration={"input": data["calib"]})
     written = Model.load(tmp_path / "model.onnx")
