@@ -23,6 +23,7 @@ import heapq
 import itertools
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -374,8 +375,8 @@ class _Backer(Protocol):
 BACK_OFFS = 2
 
 #: Units in which a plan may differ from one that failed the confirmation and still be
-#: judged by that one's reading (and in at most a quarter of its units; see
-#: :func:`_confirm`).
+#: judged by that one's reading (and in at most a quarter of the units that one
+#: changes; see :func:`_confirm`).
 NEAR = 2
 
 
@@ -420,10 +421,12 @@ def _confirm(
     rather than winning by coming first (a back-off that recovers more than it had to
     costs objective). The search's best plans are often near-duplicates that fail
     together (vgg, seed 1: the 8 best read 1.3 to 1.9 points down on the held-out
-    part): a candidate of the ranking that differs in at most :data:`NEAR` units (and
-    a quarter of them) from one of the ranking that failed is judged by that one's
-    held-out reading, shifted by their difference in the search, and if that breaks the
-    budget, backed off without a check.
+    part): a candidate of the ranking that differs in at most :data:`NEAR` units, and
+    in at most a quarter of those it changes, from one of the ranking that failed is
+    judged by that one's held-out reading, shifted by their difference in the search;
+    if that breaks the budget, its back-off joins the queue and it is put off until
+    every other candidate has been checked. Keeping everything comes last (it always holds); plans that do
+    worse than it in the search, or are predicted to as back-offs, are not checked.
 
     If none of `limit` checks is sure enough (or `max_seconds` have passed before one
     is), the first checked whose reading meets the budget at all is returned, and
@@ -446,12 +449,19 @@ def _confirm(
     z = NormalDist().inv_cdf(confidence)
     checks: list[dict[str, Any]] = []
     start = time.perf_counter()
-    # Candidates by (objective, order): the ranking's, then back-offs as they come.
-    queue: list[tuple[float, int, tuple[int, ...], int, int, Mapping[str, float]]] = []
+    # Candidates by (tier, objective, order): the ranking's plans that do better than
+    # keeping everything and back-offs as they come (tier 0), then the ranking's plans put
+    # off as near-duplicates of a failure (1), then keeping everything (2).
+    queue: list[tuple[int, float, int, tuple[int, ...], int, int, Mapping[str, float]]] = []
     order = itertools.count()
+    keep_key = math.inf
     for rank, (a, m) in enumerate(feasible):
         key = back_off.objective(m) if back_off is not None else float(rank)
-        heapq.heappush(queue, (key, next(order), tuple(a), rank, 0, m))
+        if not any(a):  # the plans after it do worse than keeping everything
+            heapq.heappush(queue, (2, key, next(order), tuple(a), rank, 0, m))
+            keep_key = key
+            break
+        heapq.heappush(queue, (0, key, next(order), tuple(a), rank, 0, m))
     seen: set[tuple[int, ...]] = set()
     failed: list[tuple[dict[str, Any], Mapping[str, float]]] = []
 
@@ -472,43 +482,51 @@ def _confirm(
             return
         told = problem.baseline["accuracy"] + change - z * se
         out = back_off(a, told, m)
-        if out is not None and out[0] not in seen and any(out[0]):
-            milder, predicted = out
-            key = back_off.objective(predicted)
-            heapq.heappush(queue, (key, next(order), milder, rank, depth + 1, predicted))
+        if out is None or out[0] in seen or not any(out[0]):
+            return
+        milder, predicted = out
+        key = back_off.objective(predicted)
+        if key < keep_key:  # predicted to do better than keeping everything
+            heapq.heappush(queue, (0, key, next(order), milder, rank, depth + 1, predicted))
 
     def near_failure(a: tuple[int, ...]) -> tuple[dict[str, Any], Mapping[str, float]] | None:
         close = [
             (sum(x != y for x, y in zip(a, r["assignment"], strict=True)), k)
             for k, (r, _) in enumerate(failed)
         ]
-        close = [c for c in close if c[0] <= min(NEAR, len(a) // 4)]
+        close = [  # at most NEAR units, and a quarter of those the failed plan changes
+            (d, k)
+            for d, k in close
+            if d <= min(NEAR, sum(map(bool, failed[k][0]["assignment"])) // 4)
+        ]
         return failed[min(close)[1]] if close else None
 
     while queue and not out_of_time():
-        _, _, a, rank, depth, m = heapq.heappop(queue)
+        tier, key, _, a, rank, depth, m = heapq.heappop(queue)
         if a in seen:
             continue
-        seen.add(a)
         if not any(a):  # keeping everything always holds: stop here
             checks.append({"rank": rank, "assignment": list(a), "holds": True, "sure": True})
             return a, checks
-        near = near_failure(a) if not depth else None  # back-offs: their own reading
+        near = near_failure(a) if tier == 0 and not depth else None
         if near is not None:
             record, near_m = near
             guess = record["change_held_out"] + _search_accuracy(m) - _search_accuracy(near_m)
             se = record["se_held_out"]
             if budget_confidence(100 * guess, 100 * se, budget_points) < 0.5:
                 logger.info(
-                    "confirmation: candidate %d not checked: a plan %d unit(s) from it read "
-                    "%+.2f points on held-out data (this one: %+.2f predicted)",
+                    "confirmation: candidate %d put off: a plan %d unit(s) from it read "
+                    "%+.2f points on held-out data (this one: %+.2f predicted); its back-off "
+                    "first",
                     rank + 1,
                     sum(x != y for x, y in zip(a, record["assignment"], strict=True)),
                     100 * record["change_held_out"],
                     100 * guess,
                 )
                 push_back_off(a, m, guess, se, rank, depth)
+                heapq.heappush(queue, (1, key, next(order), a, rank, depth, m))
                 continue
+        seen.add(a)
         if progress is not None:
             progress("confirming on held-out data", len(checks), limit)
         try:

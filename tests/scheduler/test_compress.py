@@ -334,8 +334,8 @@ def test_confirmation_backs_off_what_fails_and_checks_by_objective():
     # 1,000 held-out samples, baseline right on 900; a 1-point budget. The search ranks
     # a (objective 0.1), a2 (0.11: a with one unit milder) and b (0.3). a loses 2 points
     # on held-out data; a2, one unit from a and 0.1 points better in the search, is
-    # judged by a's reading (-1.9: breaks the budget) and backed off unchecked. b and
-    # a's back-off m lose 0.3 and 0.5 points (sure).
+    # judged by a's reading (-1.9: breaks the budget): put off, and its back-off m2
+    # queued. b and a's back-off m lose 0.3 and 0.5 points (sure).
     n = 1000
     base = np.zeros(n)
     base[:900] = 1.0
@@ -348,7 +348,8 @@ def test_confirmation_backs_off_what_fails_and_checks_by_objective():
     a, a2, b = (2, 2, 2, 2, 0, 0, 0, 0), (2, 2, 2, 1, 0, 0, 0, 0), (1, 1, 1, 1, 0, 0, 0, 0)
     m, m2 = (2, 2, 1, 1, 0, 0, 0, 0), (2, 1, 1, 1, 0, 0, 0, 0)
     samples = {a: lost(20), b: lost(3), m: lost(5), m2: lost(4)}
-    searched = {a: (0.895, 0.1), a2: (0.896, 0.11), b: (0.899, 0.3)}
+    keep, w = (0,) * 8, (1, 0, 0, 0, 0, 0, 0, 0)  # w does worse than keeping everything
+    searched = {a: (0.895, 0.1), a2: (0.896, 0.11), b: (0.899, 0.3), keep: (0.9, 0.9), w: (0.9, 1)}
     ranked = [(x, {"accuracy": searched[x][0], "objective": searched[x][1]}) for x in searched]
     built: list[tuple[int, ...]] = []
     problem = SimpleNamespace(baseline={"accuracy": 0.9}, build=lambda x: built.append(x) or x)
@@ -387,7 +388,7 @@ def test_confirmation_backs_off_what_fails_and_checks_by_objective():
     z = NormalDist().inv_cdf(0.8)
     assert asked[0][0] == a and asked[0][2] == ranked[0][1]
     assert asked[0][1] == pytest.approx(0.9 - 0.02 - z * checks[0]["se_held_out"])
-    # a2 was never built: backed off from a's reading shifted by +0.1 (-1.9 points).
+    # a2 was not built: backed off from a's reading shifted by +0.1 (-1.9 points).
     assert asked[1][0] == a2 and asked[1][1] == pytest.approx(
         0.9 - 0.019 - z * checks[0]["se_held_out"]
     )
@@ -405,3 +406,20 @@ def test_confirmation_backs_off_what_fails_and_checks_by_objective():
     chosen, checks = confirm()
     assert built == [a, m, b] and chosen == b
     assert [p for p, _, _ in asked][:3] == [a, a2, m] and asked[2][2]["objective"] == 0.2
+    # The near-duplicate is put off, not dropped: checked once every other candidate has
+    # been, before keeping everything (and w, worse than keeping everything, never).
+    samples.update({b: lost(15), m2: lost(15), a2: lost(2)})
+    chosen, checks = confirm()
+    assert built == [a, m, b, m2, a2] and chosen == a2 and checks[-1]["rank"] == 1
+    samples[a2] = lost(15)
+    chosen, checks = confirm()
+    assert built == [a, m, b, m2, a2] and chosen == keep and checks[-1]["sure"]
+    # Near means sharing most changes: a plan changing one unit puts off no other.
+    s1, s2 = (2, 0, 0, 0, 0, 0, 0, 0), (0, 2, 0, 0, 0, 0, 0, 0)
+    samples.update({s1: lost(20), s2: lost(3)})
+    result.ranked = [
+        (s1, {"accuracy": 0.899, "objective": 0.1}),
+        (s2, {"accuracy": 0.899, "objective": 0.2}),
+    ]
+    chosen, checks = confirm()
+    assert built == [s1, s2] and chosen == s2
