@@ -287,8 +287,13 @@ def _write_trace(result: CompressResult, model_path: Path, results_dir: Path, ke
     return str(path.relative_to(results_dir))
 
 
+#: What compress.json keeps of each confirmation check.
+_CHECK_KEYS = ("rank", "backed_off", "change_held_out", "se_held_out", "confidence", "sure")
+
+
 def _search_info(result: CompressResult, wall: float, budget: dict[str, Any]) -> dict[str, Any]:
     search = result.search
+    info = result.plan.metrics["search"]
     limit = budget.get("max_seconds")
     stopped_by_budget = (budget.get("max_evaluations") is not None
                          and search.evaluations >= budget["max_evaluations"]) or (
@@ -313,10 +318,14 @@ def _search_info(result: CompressResult, wall: float, budget: dict[str, Any]) ->
         "compress_baseline": result.baseline,
         "compress_result": result.result,
         "confirmation": confirmation_summary(
-            result.plan.metrics["search"].get("confirmation") or [],
+            info.get("confirmation") or [],
             result.chosen,
-            result.plan.metrics["search"].get("confidence", 0.5),
+            info.get("confidence", 0.5),
+            info.get("test_samples", 0),
         ),
+        "confirmation_checks": [
+            {k: c[k] for k in _CHECK_KEYS if k in c} for c in info.get("confirmation") or []
+        ],
     }
 
 

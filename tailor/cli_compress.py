@@ -140,8 +140,18 @@ class _Progress:
     show_default=True,
     metavar="P",
     help="How sure the confirmation must be that a plan keeps the accuracy budget, from "
-    "its held-out reading and that reading's standard error (0.5: the reading itself "
-    "must meet the budget).",
+    "its held-out reading and that reading's standard error: that a fresh test set of "
+    "--test-samples reads it within the budget (0.5: the reading itself must meet the "
+    "budget).",
+)
+@click.option(
+    "--test-samples",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="N",
+    help="The size of the fresh test set --confidence is about (its own sampling error "
+    "counts too) [default: as many as the labelled samples given; 0: the plan's true "
+    "accuracy].",
 )
 @click.option(
     "--rpc", metavar="HOST:PORT", help="Measure candidates on boards behind this TVM RPC tracker."
@@ -181,6 +191,7 @@ def compress_cmd(
     workers: int,
     confirm: int,
     confidence: float,
+    test_samples: int | None,
     rpc: str | None,
     key: str | None,
     fresh: bool,
@@ -232,6 +243,7 @@ def compress_cmd(
             progress=progress,
             confirm=confirm,
             confidence=confidence,
+            test_samples=test_samples,
         )
     finally:
         progress.close()
@@ -250,7 +262,10 @@ def compress_cmd(
             click.echo(f"  {key}: {b:.4g}{unit} -> {r:.4g}{unit}")
     search = plan.metrics["search"]
     line = confirmation_summary(
-        search.get("confirmation") or [], result.chosen, search.get("confidence", 0.5)
+        search.get("confirmation") or [],
+        result.chosen,
+        search.get("confidence", 0.5),
+        search.get("test_samples", 0),
     )
     if line:
         click.echo(line)

@@ -169,7 +169,10 @@ def write_report(result: CompressResult, units: Sequence[Unit], folder: Path) ->
     search_info = plan.metrics.get("search", {})
     checks = search_info.get("confirmation") or []
     line = confirmation_summary(
-        checks, result.chosen or search.best, search_info.get("confidence", 0.5)
+        checks,
+        result.chosen or search.best,
+        search_info.get("confidence", 0.5),
+        search_info.get("test_samples", 0),
     )
     if line:
         told = ", ".join(
@@ -179,8 +182,10 @@ def write_report(result: CompressResult, units: Sequence[Unit], folder: Path) ->
             for c in checks
             if "change_held_out" in c
         )
+        fresh = search_info.get("test_samples", 0)
+        on = f" on a fresh test set of {fresh:,} samples" if fresh else ""
         lines += ["", f"{line[0].upper()}{line[1:]}.", "", f"Checked (change in points ± paired "
-                  f"standard error, confidence the budget holds): {told}."]  # fmt: skip
+                  f"standard error, confidence the budget holds{on}): {told}."]  # fmt: skip
     lines += ["", "## Baseline and result", "", "| metric | baseline | result | ratio | source |",
               "|---|---:|---:|---:|---|"]  # fmt: skip
     for key, label, spec in _ROWS:

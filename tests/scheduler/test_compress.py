@@ -8,6 +8,7 @@ roofline prediction, deterministic, so the tests do not depend on this machine's
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,8 @@ def test_greedy_plan_meets_the_budget_replays_and_reports(data, tmp_path):
     # first that held there (its figure is the one measured on the applied model).
     checks = plan.metrics["search"]["confirmation"]
     assert plan.metrics["search"]["confidence"] == 0.8
+    # ... about a fresh test set as large as the labelled data (both parts).
+    assert plan.metrics["search"]["test_samples"] == len(data["labels"][1])
     (pick,) = [c for c in checks if c["assignment"] == list(result.chosen)]
     assert pick["holds"] == (not plan.unmet)
     if pick["sure"]:  # the first sure enough is applied; else none was
@@ -95,6 +98,7 @@ def test_greedy_plan_meets_the_budget_replays_and_reports(data, tmp_path):
     assert "## Pareto front" in report and "| accuracy (held out) |" in report
     if any("change_held_out" in c for c in checks):  # each check listed, back-offs marked
         listed = report.split("Checked (change in points")[1].split("\n")[0]
+        assert f"on a fresh test set of {len(data['labels'][1]):,} samples)" in listed
         assert listed.count("#") == sum("change_held_out" in c for c in checks)
         assert listed.count("backed off") == sum(bool(c.get("backed_off")) for c in checks)
     # The plan file replays to the same model.
@@ -176,11 +180,14 @@ def test_cli_compress(data, tmp_path, capsys):
     code = main(
         ["compress", str(MODEL), "-t", "rpi4", "--data", f"{EXAMPLE / 'digits.npz'}:calib_x",
          "--labels", f"{EXAMPLE / 'digits.npz'}:test_x,test_y", "--max-evaluations", "8",
-         "-o", str(out), "-q"]
+         "--test-samples", "5000", "-o", str(out), "-q"]
     )  # fmt: skip
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert f"report: {out / 'report.md'}" in printed and (out / "plan.yaml").is_file()
+    assert Plan.load(out / "plan.yaml").metrics["search"]["test_samples"] == 5000
+    code = main(["compress", str(MODEL), "--data", "x.npz", "--test-samples", "-1"])
+    assert code == 2 and "--test-samples" in capsys.readouterr().err
     code = main(["compress", str(MODEL), "--data", "missing.npz", "-o", str(tmp_path / "x")])
     assert code == 2 and "missing.npz" in capsys.readouterr().err
     code = main(
@@ -275,7 +282,7 @@ def test_confirmation_applies_the_first_candidate_that_holds_on_held_out_data():
 def test_confirmation_asks_the_held_out_reading_to_be_sure_enough():
     from types import SimpleNamespace
 
-    from tailor.compress import _confirm, budget_confidence, confirmation_summary
+    from tailor.compress import _confirm, budget_confidence, confirmation_summary, prediction_error
 
     # 1,000 held-out samples, baseline right on 900. a reads 0.8 points down but changes
     # 40 predictions (error 0.63 points): a 1-point budget holds with ~62 % confidence.
@@ -319,6 +326,17 @@ def test_confirmation_asks_the_held_out_reading_to_be_sure_enough():
     # Out of time after the first check: no second one; the first reading meets the budget.
     chosen, checks = confirm(max_seconds=0.0)
     assert chosen == (1, 0) and len(checks) == 1
+    # About a fresh test set of 1,000 too (its own error adds: 0.52 -> 0.73 points), c
+    # reading 0.5 down, sure of its true accuracy (83 %), is not sure of that set's (75 %).
+    samples[(1, 1)] = flipped(16, 11)
+    result.ranked = [ranked[2], ranked[1]]
+    chosen, checks = confirm()
+    assert chosen == (1, 1) and checks[0]["confidence"] == pytest.approx(0.83, abs=0.01)
+    chosen, checks = confirm(test_samples=1000)
+    assert chosen == (0, 1) and checks[0]["confidence"] == pytest.approx(0.75, abs=0.01)
+    assert "on a fresh test set of 1,000 samples" in confirmation_summary(checks, chosen, 0.8, 1000)
+    assert prediction_error(0.67, 718, 1437) == pytest.approx(0.67 * math.sqrt(1 + 718 / 1437))
+    assert prediction_error(0.67, 718, None) == prediction_error(0.67, 718, 0) == 0.67
     # The probability itself: on the budget's edge 50 %, one error inside it 84 %.
     assert budget_confidence(-1.0, 0.5, 1.0) == pytest.approx(0.5)
     assert budget_confidence(-0.5, 0.5, 1.0) == pytest.approx(0.841, abs=1e-3)
