@@ -613,7 +613,7 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
             done = {"info": {"error": _first_line(e), "traceback": traceback.format_exc()},
                     "rows": []}  # fmt: skip
-        models[key] = done["info"] | {"date": date, "quick": args.quick}
+        models[key] = done["info"] | {"date": date, "quick": args.quick, "seed": args.seed}
         rows += done["rows"]
         payload = {
             "meta": {

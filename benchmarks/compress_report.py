@@ -4,6 +4,7 @@ Markdown: the header, the checks the issue asks for, and one table per model."""
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 __all__ = ["checks", "render_markdown"]
@@ -73,6 +74,45 @@ def _extrapolation(info: dict[str, Any], s: dict[str, Any]) -> str:
     )
 
 
+def _outcome(rows: list[dict[str, Any]]) -> tuple[float, bool, bool] | None:
+    """(the plan's change in points on the report half, whether it meets the budget,
+    whether it beats every uniform single technique within the budget), or None."""
+    ok = _ok(rows)
+    plan = next((r for r in ok if r["kind"] == "plan"), None)
+    base = next((r for r in ok if r["kind"] == "baseline"), None)
+    if plan is None or base is None:
+        return None
+    within = [r for r in ok if r["kind"] == "single" and r["meets_budget"]]
+    beats = all(plan["objective"] < r["objective"] for r in within)
+    return 100 * (plan["accuracy"] - base["accuracy"]), bool(plan["meets_budget"]), beats
+
+
+def repeats(payload: dict[str, Any]) -> list[str]:
+    """One line per run repeated on the same code (`NAME` and `NAME@rK`): the guarantee is
+    statistical, so how often the plan met the budget and beat every single technique."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name in payload.get("model_order", []):
+        match = re.fullmatch(r"(.+?)(@r\d+)?", name)
+        info = payload["models"].get(name, {})
+        if match and "@" not in match.group(1) and "git_commit" in info:
+            groups.setdefault((match.group(1), info["git_commit"]), []).append(name)
+    lines = []
+    for (base, commit), names in groups.items():
+        outcomes = [_outcome([r for r in payload["rows"] if r["model"] == n]) for n in names]
+        done = [o for o in outcomes if o is not None]
+        seeds = {payload["models"][n].get("seed") for n in names}
+        seed = f", seed {seeds.pop()}" if len(seeds) == 1 and None not in seeds else ""
+        if len(done) < 2:
+            continue
+        lines.append(
+            f"- {base}: {len(done)} runs on {commit}{seed} ({', '.join(names)}): the budget met in "
+            f"{sum(o[1] for o in done)} of {len(done)} "
+            f"({', '.join(f'{o[0]:+.2f}' for o in done)} points), every uniform single "
+            f"technique within it beaten in {sum(o[2] for o in done)} of {len(done)}"
+        )
+    return lines
+
+
 def checks(payload: dict[str, Any]) -> list[str]:
     """The issue's checks, one bullet each, from the measured rows."""
     lines: list[str] = []
@@ -122,6 +162,7 @@ def checks(payload: dict[str, Any]) -> list[str]:
             other = next((r for r in ok if r["kind"] == kind), None)
             if other is not None:
                 lines.append(f"- {name}: the plan {_verdict(plan, other)}")
+    lines += repeats(payload)
     for name in payload.get("model_order", []):
         if name in models:
             lines.append(_search_line(name, models[name]))
