@@ -290,6 +290,20 @@ def _repairable(
     return [cand for _, cand in sorted(found)]
 
 
+#: What an option must not have less of than the one it replaces, to be milder:
+#: exact counts, not timings (a timing's noise must not pass a factorization as milder).
+MILDER_KEYS = ("macs", "storage")
+
+
+def _milder(new: Mapping[str, float], old: Mapping[str, float]) -> bool:
+    """Whether an option (its metrics alone) compresses no more than another: neither
+    fewer MACs nor fewer stored bytes. Reading more accurate alone is not enough: alone,
+    an option's change is often within the noise, and in a plan it can be far from it
+    (UCI HAPT: a 16-entry codebook "backed off" to tucker2 then 4-bit weights read +0.97
+    points alone, -8 in the plan, after pruning its inputs)."""
+    return all(new[k] >= old[k] - 1e-9 for k in MILDER_KEYS if k in new and k in old)
+
+
 def _back_off(
     ctx: SearchContext,
     plan: tuple[int, ...],
@@ -298,11 +312,11 @@ def _back_off(
     floor: float | None,
 ) -> tuple[tuple[int, ...], dict[str, float]] | None:
     """`plan` (with its real metrics) backed off until the sensitivities predict it
-    within the accuracy budget: units moved to milder options (keep, or any other
-    option measured alone) in the order of the objective they give up per point of
-    accuracy they win back. A whole plan usually loses more than the sum of its units'
-    losses alone (they interact): the recovery of a move is scaled by the plan's real
-    loss over that sum.
+    within the accuracy budget: units moved to milder options (keep, or another option
+    measured alone that computes and stores no less: :func:`_milder`) in the order of the
+    objective they give up per point of accuracy they win back. A whole plan usually
+    loses more than the sum of its units' losses alone (they interact): the recovery of
+    a move is scaled by the plan's real loss over that sum.
 
     Returns:
         (assignment, predicted metrics), or None (no budget, or no move left).
@@ -325,7 +339,7 @@ def _back_off(
                 continue
             for j in range(len(u.options)):
                 new = dict(base) if j == 0 else ctx.metrics(single(i, j))
-                if j == a[i] or new is None:
+                if j == a[i] or new is None or not _milder(new, old):
                     continue
                 won = scale * (new["accuracy"] - old["accuracy"])
                 if won <= 1e-12:
