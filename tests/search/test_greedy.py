@@ -18,6 +18,11 @@ def _latency_budget(p: Synthetic) -> Demands:
     )
 
 
+def single(i: int, j: int, n: int = 6) -> tuple[int, ...]:
+    """Option `j` on unit `i`, every other unit kept."""
+    return tuple(j if k == i else 0 for k in range(n))
+
+
 def test_sensitivity_of_every_single_option_comes_before_the_steps():
     p = Synthetic(5)
     r = search(p, Demands(), "greedy")
@@ -190,9 +195,6 @@ def test_only_plans_whose_back_off_promises_a_better_plan_are_repaired():
     d = Demands(max_accuracy_drop=0.02, weights={"latency": 0.5, "storage": 0.5})
     ctx = SearchContext(p, d)
 
-    def single(i, j):
-        return tuple(j if k == i else 0 for k in range(6))
-
     int8, prune, strong = (3,) * 6, (1,) * 6, (2,) * 6
     ctx.evaluate([(0,) * 6, int8, prune, strong])
     ctx.evaluate([single(i, j) for i in range(6) for j in (1, 2, 3)])
@@ -284,9 +286,6 @@ def test_back_off_moves_only_to_options_that_compute_and_store_no_less():
     p.loss[:, 3] = 0.004
     d = Demands(max_accuracy_drop=0.02, weights={"latency": 0.5, "storage": 0.5})
     ctx = SearchContext(p, d)
-
-    def single(i, j):
-        return tuple(j if k == i else 0 for k in range(6))
 
     int8 = (3,) * 6
     ctx.evaluate([(0,) * 6, int8] + [single(i, j) for i in range(6) for j in (1, 2, 3)])
