@@ -387,6 +387,7 @@ def run_trained(name: str, args: argparse.Namespace, demands: Demands, key: str)
     rx, ry = data["test_x"][report_idx], data["test_y"][report_idx]
     input_name = load(cached.onnx_path.read_bytes()).inputs[0].name
     info = {"architecture": cached.meta["spec"]["architecture"], "dataset": cached.meta["dataset"],
+            "model_sha256": cached.meta["onnx_sha256"],
             "search_samples": len(search_idx), "report_samples": len(report_idx),
             **_space_info(cached.onnx_path)}  # fmt: skip
     budget = {"max_evaluations": args.max_evaluations, "max_seconds": args.max_seconds}

@@ -88,16 +88,18 @@ def _outcome(rows: list[dict[str, Any]]) -> tuple[float, bool, bool] | None:
 
 
 def repeats(payload: dict[str, Any]) -> list[str]:
-    """One line per run repeated on the same code (`NAME` and `NAME@rK`): the guarantee is
-    statistical, so how often the plan met the budget and beat every single technique."""
-    groups: dict[tuple[str, str], list[str]] = {}
+    """One line per run repeated on the same code and trained model (`NAME` and `NAME@rK`):
+    the guarantee is statistical, so how often the plan met the budget and beat every
+    single technique."""
+    groups: dict[tuple[str, str, str], list[str]] = {}
     for name in payload.get("model_order", []):
         match = re.fullmatch(r"(.+?)(@r\d+)?", name)
         info = payload["models"].get(name, {})
         if match and "@" not in match.group(1) and "git_commit" in info:
-            groups.setdefault((match.group(1), info["git_commit"]), []).append(name)
+            key = (match.group(1), info["git_commit"], info.get("model_sha256", ""))
+            groups.setdefault(key, []).append(name)
     lines = []
-    for (base, commit), names in groups.items():
+    for (base, commit, sha), names in groups.items():
         outcomes = [_outcome([r for r in payload["rows"] if r["model"] == n]) for n in names]
         done = [o for o in outcomes if o is not None]
         seeds = {payload["models"][n].get("seed") for n in names}
@@ -105,7 +107,8 @@ def repeats(payload: dict[str, Any]) -> list[str]:
         if len(done) < 2:
             continue
         lines.append(
-            f"- {base}: {len(done)} runs on {commit}{seed} ({', '.join(names)}): the budget met in "
+            f"- {base}: {len(done)} runs on {commit}{seed}{f', model {sha[:12]}' if sha else ''} "
+            f"({', '.join(names)}): the budget met in "
             f"{sum(o[1] for o in done)} of {len(done)} "
             f"({', '.join(f'{o[0]:+.2f}' for o in done)} points), every uniform single "
             f"technique within it beaten in {sum(o[2] for o in done)} of {len(done)}"
@@ -230,7 +233,13 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _model_section(name: str, info: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
-    out = [f"## {name}", "", f"{info.get('architecture', '')}; {info.get('dataset', '')}", ""]
+    model = f"; model sha256 {info['model_sha256'][:12]}" if "model_sha256" in info else ""
+    out = [
+        f"## {name}",
+        "",
+        f"{info.get('architecture', '')}; {info.get('dataset', '')}{model}",
+        "",
+    ]
     if "error" in info:
         return out + [
             f"compress failed: `{info['error']}`",

@@ -1,6 +1,6 @@
 """Tests for benchmarks/compress_report.py's summary of repeated runs: a run and its
 `@rK` repeats on the same code are counted together (budget met, every single beaten);
-other suffixes, other commits and single runs are not."""
+other suffixes, other commits, other trained models and single runs are not."""
 
 from __future__ import annotations
 
@@ -37,3 +37,14 @@ def test_repeats_count_runs_of_the_same_code_and_seed():
     assert line.endswith("beaten in 2 of 3")  # hapt@r3's 0.2 loses to the 0.18 single
     payload["models"]["hapt@r2"]["seed"] = 1  # seeds differ: not named
     assert ", seed" not in repeats(payload)[0]
+
+
+def test_repeats_keep_runs_on_other_trained_models_apart():
+    runs = {"vgg": "m1", "vgg@r2": "m2", "vgg@r3": "m2"}
+    payload = {
+        "model_order": list(runs),
+        "models": {n: {"git_commit": "abc", "seed": 0, "model_sha256": s} for n, s in runs.items()},
+        "rows": [r for n in runs for r in rows(n, -0.5, 0.1)],
+    }
+    (line,) = repeats(payload)  # vgg alone on m1 is a single run: no line
+    assert line.startswith("- vgg: 2 runs on abc, seed 0, model m2 (vgg@r2, vgg@r3)")
