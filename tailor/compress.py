@@ -450,8 +450,11 @@ def _confirm(
     worse than it in the search, or are predicted to as back-offs, are not checked.
 
     If none of `limit` checks is sure enough (or `max_seconds` have passed before one
-    is), the first checked whose reading meets the budget at all is returned, and
-    failing that the closest (reported unmet).
+    is), the surest of those whose reading meets the budget is returned (the budget is
+    the demand, the objective comes after it: Fashion-MNIST VGG, seed 0, once read 12
+    plans 0.96 to 1.36 points down, 17-55 % sure, and the first that met the budget at
+    all, 50 % sure at -1.00, read -1.06 on the report half), and failing that the
+    closest (reported unmet).
 
     Returns:
         (the assignment, one record per candidate checked).
@@ -591,9 +594,11 @@ def _confirm(
     held_checks = [c for c in checks if "accuracy_held_out" in c]
     if not held_checks:
         return result.best, checks
-    pick = next((c for c in held_checks if c["holds"]), None) or max(
-        held_checks, key=lambda c: c["accuracy_held_out"]
-    )
+    holding = [c for c in held_checks if c["holds"]]
+    if holding:  # the surest (the best-ranked of equals: max keeps the first)
+        pick = max(holding, key=lambda c: c["confidence"])
+    else:
+        pick = max(held_checks, key=lambda c: c["accuracy_held_out"])
     return tuple(pick["assignment"]), checks
 
 
@@ -621,9 +626,8 @@ def confirmation_summary(
             + (f" on a fresh test set of {test_samples:,} samples" if test_samples else "")
         )
         if not pick.get("sure", pick["holds"]):
-            what += (
-                f" (none checked reached {100 * confidence:.0f} %; this is the first checked "
-                + ("whose reading meets the budget)" if pick["holds"] else "closest one)")
+            what += f" (none checked reached {100 * confidence:.0f} %; this is the " + (
+                "surest whose reading meets the budget)" if pick["holds"] else "closest one)"
             )
     return (
         f"confirmation: checked {len(read)} plan(s) on held-out data (the search's best by "

@@ -317,10 +317,19 @@ def test_confirmation_asks_the_held_out_reading_to_be_sure_enough():
     assert "applied its #2: -0.30 ± 0.17 points" in line and "100 % confidence" in line
     # Asking only that the reading meet the budget (0.5) takes the search's best.
     assert confirm(confidence=0.5)[0] == (1, 0)
-    # Nothing checked is sure enough: the best-ranked whose reading meets the budget.
+    # Nothing checked is sure enough: the surest whose reading meets the budget.
     chosen, checks = confirm(limit=1)
     assert chosen == (1, 0) and not checks[0]["sure"]
     assert "none checked reached 80 %" in confirmation_summary(checks, chosen, 0.8)
+    # b' reads 0.8 down too but changes only 12 predictions (error 0.35): 72 % sure, not
+    # 80 %, yet surer than a (62 %): b', though a ranks first.
+    samples[(0, 2)] = flipped(10, 2)
+    result.ranked = [ranked[0], ((0, 2), {"accuracy": 0.9}), ranked[2]]
+    chosen, checks = confirm(limit=2)
+    assert [c["sure"] for c in checks] == [False, False]
+    assert chosen == (0, 2) and checks[1]["confidence"] == pytest.approx(0.72, abs=0.01)
+    assert "this is the surest whose reading meets" in confirmation_summary(checks, chosen, 0.8)
+    result.ranked = ranked
     with pytest.raises(TailorError, match="confidence 1"):
         confirm(confidence=1.0)
     # Out of time after the first check: no second one; the first reading meets the budget.
